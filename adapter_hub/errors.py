@@ -1,0 +1,34 @@
+"""Exceptions a user can cause. Every one carries a one-line message the CLI prints as is."""
+
+from __future__ import annotations
+
+
+class AdapterHubError(Exception):
+    """Base of every error that reports a user mistake or bad input (never a bug)."""
+
+
+class ConfigError(AdapterHubError, ValueError):
+    """A LoRA configuration or call argument that cannot be honoured (r <= 0, bad weights...)."""
+
+
+class TargetError(AdapterHubError, ValueError):
+    """A target pattern that matches nothing, or a matched layer type that has no LoRA variant."""
+
+
+class AdapterNotFound(AdapterHubError, KeyError):
+    """An adapter name that the model does not hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AdapterFileError(AdapterHubError, ValueError):
+    """An adapter file or directory that is not readable, truncated, or has missing/extra/misshaped keys."""
+
+
+class FingerprintMismatch(AdapterHubError, ValueError):
+    """An adapter made for another backbone (load with force=True to override)."""
+
+
+class MergeError(AdapterHubError, RuntimeError):
+    """A delta that cannot be folded into the base weight (e.g. a grouped conv whose A crosses groups)."""
