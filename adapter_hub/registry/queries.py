@@ -1,0 +1,293 @@
+"""Queries shared by the Hub's methods: lookups with helpful errors, and rows turned into records."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from .errors import NotFound
+from .models import AdapterRow, AliasRow, BackboneRow, EdgeRow, MetricRow, TagRow, TaskRow, VersionRow
+from .records import AdapterSummary, Backbone, MetricRecord, MetricTable, Task, Version
+from .refs import Ref, format_ref, suggest
+
+_CHUNK = 500  # ids per IN (...) list
+
+
+def _chunks(ids: Sequence[int]) -> Iterable[Sequence[int]]:
+    for i in range(0, len(ids), _CHUNK):
+        yield ids[i : i + _CHUNK]
+
+
+def backbone_record(row: BackboneRow) -> Backbone:
+    return Backbone(row.name, row.architecture, row.fingerprint, row.source, row.description, row.created_at)
+
+
+def task_record(row: TaskRow) -> Task:
+    return Task(row.name, row.domain, row.description, row.output, row.metric, row.direction, row.created_at)
+
+
+def backbone_row(s: Session, name: str) -> BackboneRow:
+    row = s.scalar(select(BackboneRow).where(BackboneRow.name == name))
+    if row is None:
+        names = s.scalars(select(BackboneRow.name))
+        raise NotFound(f"unknown backbone {name!r}{suggest(name, names)}")
+    return row
+
+
+def backbone_for(s: Session, fingerprint: str, name: str | None) -> BackboneRow:
+    """The backbone a model's fingerprint names (or the one asked for, checked against it)."""
+    from ..errors import FingerprintMismatch
+
+    if name is not None:
+        row = backbone_row(s, name)
+        if row.fingerprint != fingerprint:
+            raise FingerprintMismatch(
+                f"the model's backbone (fingerprint {fingerprint[:12]}…) is not backbone {name!r} "
+                f"(fingerprint {row.fingerprint[:12]}…)"
+            )
+        return row
+    stmt = select(BackboneRow).where(BackboneRow.fingerprint == fingerprint).order_by(BackboneRow.id).limit(1)
+    row = s.scalar(stmt)
+    if row is None:
+        raise NotFound(
+            f"no registered backbone has the model's fingerprint {fingerprint[:12]}…; "
+            "add it first (Hub.add_backbone or `adapter-hub backbone add`)"
+        )
+    return row
+
+
+def task_row(s: Session, name: str) -> TaskRow:
+    row = s.scalar(select(TaskRow).where(TaskRow.name == name))
+    if row is None:
+        names = s.scalars(select(TaskRow.name))
+        raise NotFound(f"unknown task {name!r}{suggest(name, names)}")
+    return row
+
+
+def adapter_row(s: Session, task: str, name: str) -> AdapterRow:
+    stmt = select(AdapterRow).join(TaskRow).where(TaskRow.name == task, AdapterRow.name == name)
+    row = s.scalar(stmt)
+    if row is None:
+        task_row(s, task)
+        paths = (f"{t}/{a}" for t, a in s.execute(select(TaskRow.name, AdapterRow.name).join(AdapterRow.task)))
+        raise NotFound(f"unknown adapter {task}/{name}{suggest(f'{task}/{name}', paths)}")
+    return row
+
+
+def _numbers(s: Session, adapter_id: int) -> str:
+    nums = list(s.scalars(select(VersionRow.number).where(VersionRow.adapter_id == adapter_id)))
+    return f"versions 1..{max(nums)}" if nums else "no versions"
+
+
+def resolve_row(s: Session, ref: Ref, *, include_deleted: bool = False) -> VersionRow:
+    adapter = adapter_row(s, ref.task, ref.adapter)
+    if ref.alias is not None:
+        stmt = (
+            select(VersionRow)
+            .join(AliasRow, AliasRow.version_id == VersionRow.id)
+            .where(AliasRow.adapter_id == adapter.id, AliasRow.name == ref.alias)
+        )
+        row = s.scalar(stmt)
+        if row is None:
+            names = list(s.scalars(select(AliasRow.name).where(AliasRow.adapter_id == adapter.id)))
+            known = f"; its aliases: {', '.join(sorted(names))}" if names else "; it has no aliases"
+            raise NotFound(f"{ref.adapter_path} has no alias {ref.alias!r}{known}")
+        return row
+    if ref.number is not None:
+        stmt = select(VersionRow).where(VersionRow.adapter_id == adapter.id, VersionRow.number == ref.number)
+        row = s.scalar(stmt)
+        if row is None:
+            raise NotFound(f"{ref} does not exist: {ref.adapter_path} has {_numbers(s, adapter.id)}")
+    else:
+        stmt = (
+            select(VersionRow)
+            .where(VersionRow.adapter_id == adapter.id, VersionRow.status == "ready")
+            .order_by(VersionRow.number.desc())
+            .limit(1)
+        )
+        row = s.scalar(stmt)
+        if row is None:
+            raise NotFound(f"{ref.adapter_path} has no live version")
+    if row.status != "ready" and not include_deleted:
+        raise NotFound(f"{ref} was deleted")
+    return row
+
+
+@dataclass(frozen=True)
+class RefRow:
+    id: int
+    ref: str
+    digest: str
+    size: int
+
+
+def ref_rows(s: Session, ids: Iterable[int]) -> list[RefRow]:
+    ids = list(ids)
+    out: dict[int, RefRow] = {}
+    for chunk in _chunks(ids):
+        stmt = (
+            select(VersionRow.id, TaskRow.name, AdapterRow.name, VersionRow.number, VersionRow.digest, VersionRow.size)
+            .join(AdapterRow, VersionRow.adapter_id == AdapterRow.id)
+            .join(TaskRow, AdapterRow.task_id == TaskRow.id)
+            .where(VersionRow.id.in_(chunk))
+        )
+        for vid, task, adapter, number, digest, size in s.execute(stmt):
+            out[vid] = RefRow(vid, format_ref(task, adapter, number), digest, size)
+    return [out[i] for i in ids if i in out]
+
+
+def version_records(s: Session, ids: Sequence[int]) -> list[Version]:
+    """Records for these version ids, in the same order; aliases and tags fetched in bulk."""
+    rows: dict[int, tuple[VersionRow, str, str, str, str]] = {}
+    aliases: dict[int, list[str]] = defaultdict(list)
+    tags: dict[int, dict[str, str]] = defaultdict(dict)
+    for chunk in _chunks(ids):
+        stmt = (
+            select(VersionRow, TaskRow.name, AdapterRow.name, BackboneRow.name, BackboneRow.fingerprint)
+            .join(AdapterRow, VersionRow.adapter_id == AdapterRow.id)
+            .join(TaskRow, AdapterRow.task_id == TaskRow.id)
+            .join(BackboneRow, VersionRow.backbone_id == BackboneRow.id)
+            .where(VersionRow.id.in_(chunk))
+        )
+        for v, *names in s.execute(stmt):
+            rows[v.id] = (v, *names)
+        for vid, alias in s.execute(select(AliasRow.version_id, AliasRow.name).where(AliasRow.version_id.in_(chunk))):
+            aliases[vid].append(alias)
+        for vid, key, value in s.execute(
+            select(TagRow.version_id, TagRow.key, TagRow.value).where(TagRow.version_id.in_(chunk))
+        ):
+            tags[vid][key] = value
+    out = []
+    for vid in ids:
+        v, task, adapter, backbone, fingerprint = rows[vid]
+        out.append(
+            Version(
+                task=task,
+                adapter=adapter,
+                number=v.number,
+                digest=v.digest,
+                size=v.size,
+                backbone=backbone,
+                fingerprint=fingerprint,
+                config=v.config,
+                trainable_params=v.trainable_params,
+                status=v.status,
+                description=v.description,
+                created_at=v.created_at,
+                created_by=v.created_by,
+                aliases=tuple(sorted(aliases[vid])),
+                tags=dict(sorted(tags[vid].items())),
+            )
+        )
+    return out
+
+
+def adapter_summaries(s: Session, task: str | None, name: str | None = None) -> list[AdapterSummary]:
+    ready = VersionRow.status == "ready"
+    stmt = (
+        select(
+            AdapterRow.id,
+            TaskRow.name,
+            AdapterRow.name,
+            func.count(case((ready, VersionRow.id))),
+            func.max(case((ready, VersionRow.number))),
+            func.max(VersionRow.created_at),
+        )
+        .join(TaskRow, AdapterRow.task_id == TaskRow.id)
+        .outerjoin(VersionRow, VersionRow.adapter_id == AdapterRow.id)
+        .group_by(AdapterRow.id, TaskRow.name, AdapterRow.name)
+        .order_by(TaskRow.name, AdapterRow.name)
+    )
+    if task is not None:
+        stmt = stmt.where(TaskRow.name == task)
+    if name is not None:
+        stmt = stmt.where(AdapterRow.name == name)
+    rows = s.execute(stmt).all()
+    aliases: dict[int, dict[str, int]] = defaultdict(dict)
+    alias_stmt = select(AliasRow.adapter_id, AliasRow.name, VersionRow.number).join(
+        VersionRow, AliasRow.version_id == VersionRow.id
+    )
+    if task is not None:
+        alias_stmt = (
+            alias_stmt.join(AdapterRow, AliasRow.adapter_id == AdapterRow.id).join(TaskRow).where(TaskRow.name == task)
+        )
+    for adapter_id, alias, number in s.execute(alias_stmt):
+        aliases[adapter_id][alias] = number
+    return [
+        AdapterSummary(t, a, int(count), latest, dict(sorted(aliases[aid].items())), updated)
+        for aid, t, a, count, latest, updated in rows
+    ]
+
+
+def lineage_edges(s: Session, root_id: int) -> list[EdgeRow]:
+    """Edges on any path into (ancestors) or out of (descendants) the root, level by level."""
+    found: dict[int, EdgeRow] = {}
+    for up in (True, False):
+        seen, frontier = {root_id}, {root_id}
+        while frontier:
+            col = EdgeRow.child_id if up else EdgeRow.parent_id
+            nxt: set[int] = set()
+            for chunk in _chunks(sorted(frontier)):
+                for edge in s.scalars(select(EdgeRow).where(col.in_(chunk))):
+                    found[edge.id] = edge
+                    other = edge.parent_id if up else edge.child_id
+                    if other not in seen:
+                        seen.add(other)
+                        nxt.add(other)
+            frontier = nxt
+    return list(found.values())
+
+
+def metric_record(row: MetricRow, ref: str) -> MetricRecord:
+    return MetricRecord(ref, row.name, row.value, row.split, row.dataset, row.step, row.logged_at)
+
+
+def metric_records(s: Session, ids: Sequence[int]) -> list[MetricRecord]:
+    refs = {r.id: r.ref for r in ref_rows(s, ids)}
+    out = []
+    for chunk in _chunks(ids):
+        stmt = select(MetricRow).where(MetricRow.version_id.in_(chunk)).order_by(MetricRow.id)
+        out.extend(metric_record(m, refs[m.version_id]) for m in s.scalars(stmt))
+    return out
+
+
+_LOWER_IS_BETTER = ("loss", "error", "perplexity", "mse", "mae", "latency")
+
+
+def metric_table(s: Session, ids: Sequence[int], names: Sequence[str] | None) -> MetricTable:
+    refs = {r.id: r.ref for r in ref_rows(s, ids)}
+    ordered = list(dict.fromkeys(refs[i] for i in ids))
+    directions: dict[str, str] = {}
+    stmt = (
+        select(TaskRow.metric, TaskRow.direction)
+        .join(AdapterRow, AdapterRow.task_id == TaskRow.id)
+        .join(VersionRow, VersionRow.adapter_id == AdapterRow.id)
+        .where(VersionRow.id.in_(ids), TaskRow.metric.is_not(None))
+    )
+    for metric, direction in s.execute(stmt):
+        directions[metric] = direction
+    values: dict[str, dict[str, float]] = defaultdict(dict)
+    rows: dict[str, tuple[str, str | None]] = {}
+    mstmt = select(MetricRow).where(MetricRow.version_id.in_(ids))
+    if names:
+        mstmt = mstmt.where(MetricRow.name.in_(list(names)))
+    # the latest value wins: by step, then by insertion order
+    metric_rows = sorted(s.scalars(mstmt), key=lambda m: (m.step if m.step is not None else -1, m.id))
+    for m in metric_rows:
+        key = MetricTable.key(m.name, m.split)
+        rows[key] = (m.name, m.split)
+        values[key][refs[m.version_id]] = m.value
+    best = {}
+    for key, (name, _split) in rows.items():
+        base = name.rsplit("/", 1)[-1]
+        direction = directions.get(name) or directions.get(base)
+        if direction is None:
+            direction = "min" if any(w in base.lower() for w in _LOWER_IS_BETTER) else "max"
+        pick = min if direction == "min" else max
+        best[key] = pick(values[key], key=lambda ref, k=key: values[k][ref])
+    order = sorted(rows, key=lambda k: (rows[k][0], rows[k][1] or ""))
+    return MetricTable(ordered, [rows[k] for k in order], {k: dict(values[k]) for k in order}, best)
