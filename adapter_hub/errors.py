@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from .lora.base import LoRAConfigError
+
 
 class AdapterHubError(Exception):
     """Base of every error that reports a user mistake or bad input (never a bug)."""
 
 
-class ConfigError(AdapterHubError, ValueError):
+class ConfigError(AdapterHubError, LoRAConfigError):
     """A LoRA configuration or call argument that cannot be honoured (r <= 0, bad weights...)."""
 
 
@@ -32,3 +34,7 @@ class FingerprintMismatch(AdapterHubError, ValueError):
 
 class MergeError(AdapterHubError, RuntimeError):
     """A delta that cannot be folded into the base weight (e.g. a grouped conv whose A crosses groups)."""
+
+
+# What a user can cause: the CLI prints these as one line (lora/ raises its own, dependency-free type).
+USER_ERRORS: tuple[type[Exception], ...] = (AdapterHubError, LoRAConfigError)

@@ -1,0 +1,42 @@
+"""LoRA for nn.Linear."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import LoRALayer, init_a
+
+
+class LoRALinear(LoRALayer):
+    """y = W0·x + s·B·A·x with A ∈ R^{r×in}, B ∈ R^{out×r}, s = α/r (rsLoRA: α/√r).
+
+    ΔW = s·B·A has the base weight's shape (out, in). B starts at zero, so a new adapter is a no-op.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        alpha: float,
+        *,
+        use_rslora: bool = False,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+    ) -> None:
+        super().__init__()
+        self._setup(r, alpha, use_rslora, dropout)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)
+        init_a(self.lora_A.weight, init, r)
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.delta_weight()}

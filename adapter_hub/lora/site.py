@@ -1,0 +1,312 @@
+"""Where deltas meet the backbone: one site per adapted module, shared routing, exact merge.
+
+A site takes over its module's ``forward`` through an instance attribute (the class, the parameter
+names and the state dict of the backbone stay untouched) and adds the deltas that the shared
+``Routing`` says are active: a weighted sum on every sample (single adapter, stack) and/or one
+adapter per group of rows (per-sample switch). The grouping of rows is computed once per forward by
+whoever fills ``Routing.segments`` and reused by every site.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import LoRAMultiheadAttention
+from .base import LoRALayer
+
+
+@dataclass
+class Routing:
+    """What the sites of one model apply in the current forward."""
+
+    enabled: bool = True
+    weighted: tuple[tuple[str, float], ...] = ()  # (adapter, weight) summed on every sample
+    head: str | None = None  # the adapter whose head runs when not routed per sample
+    segments: tuple[tuple[str | None, torch.Tensor], ...] | None = None  # (adapter, row indices)
+    batch_size: int = 0
+
+
+class _Site:
+    """Shared mechanics: take over the module's forward while the site has something to hold."""
+
+    def __init__(self, module: nn.Module, path: str, routing: Routing) -> None:
+        self.module, self.path, self.routing = module, path, routing
+
+    def attach(self) -> None:
+        self.module.forward = self.forward  # instance attribute shadows the class's forward
+
+    def detach(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+    def base_forward(self, *args, **kwargs):
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - replaced by subclasses
+        raise NotImplementedError
+
+
+class LayerSite(_Site):
+    """A base layer carrying LoRA deltas of one or more adapters."""
+
+    def __init__(self, module: nn.Module, path: str, routing: Routing) -> None:
+        super().__init__(module, path, routing)
+        self.layers: dict[str, LoRALayer] = {}
+        self._saved: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, layer: LoRALayer) -> None:
+        if not self.layers:
+            self.attach()
+        self.layers[name] = layer
+
+    def remove(self, name: str) -> None:
+        self.layers.pop(name, None)
+        if not self.layers:
+            self.detach()
+
+    def active(self) -> bool:
+        r = self.routing
+        if not r.enabled:
+            return False
+        if any(name in self.layers for name, _ in r.weighted):
+            return True
+        return r.segments is not None and any(name in self.layers for name, _ in r.segments)
+
+    def add_deltas(
+        self,
+        out: torch.Tensor,
+        x: torch.Tensor,
+        delta: Callable[[LoRALayer, torch.Tensor], torch.Tensor],
+        batch_dim: int = 0,
+    ) -> torch.Tensor:
+        """out + Σ wᵢ·deltaᵢ(x) on every row, plus each routed adapter's delta on its own rows."""
+        r = self.routing
+        if not r.enabled:
+            return out
+        for name, w in r.weighted:
+            layer = self.layers.get(name)
+            if layer is not None:
+                d = delta(layer, x)
+                out = out + (d if w == 1.0 else d * w)
+        if r.segments is not None:
+            if x.shape[batch_dim] != r.batch_size:
+                raise RuntimeError(
+                    f"per-sample routing needs every adapted layer to keep the batch dimension; "
+                    f"{self.path} got {x.shape[batch_dim]} rows for a batch of {r.batch_size}"
+                )
+            for name, rows in r.segments:
+                layer = self.layers.get(name) if name is not None else None
+                if layer is not None:
+                    out = out.index_add(batch_dim, rows, delta(layer, x.index_select(batch_dim, rows)))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_forward(x)
+        return self.add_deltas(out, x, _call_layer)
+
+    # --- merge ---------------------------------------------------------------------------------
+    def merge_blocker(self, weighted: Iterable[tuple[str, float]]) -> str | None:
+        for name, _ in weighted:
+            layer = self.layers.get(name)
+            if layer is not None and (why := layer.merge_blocker()) is not None:
+                return f"adapter {name!r} at {self.path}: {why}"
+        return None
+
+    @torch.no_grad()
+    def merge(self, weighted: Iterable[tuple[str, float]]) -> None:
+        """W ← W + Σ wᵢ·ΔWᵢ in place; the original tensors are kept so unmerge is bit-exact."""
+        total: dict[str, torch.Tensor] = {}
+        for name, w in weighted:
+            layer = self.layers.get(name)
+            if layer is None:
+                continue
+            for pname, d in layer.delta_weights().items():
+                total[pname] = total[pname] + w * d if pname in total else w * d
+        for pname, d in total.items():
+            p = self.module.get_parameter(pname)
+            self._saved.setdefault(pname, p.detach().clone())
+            p.add_(d.to(p.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        for pname, original in self._saved.items():
+            self.module.get_parameter(pname).copy_(original)
+        self._saved.clear()
+
+
+def _call_layer(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
+    return layer(x)
+
+
+class AttentionSite(LayerSite):
+    """nn.MultiheadAttention with deltas on in_proj and out_proj, computed in activation space so
+    that stacks and per-sample routing work like for any other layer (no merge around the forward)."""
+
+    module: nn.MultiheadAttention
+
+    def forward(  # same signature as nn.MultiheadAttention.forward
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.active():
+            return self.base_forward(
+                query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal,
+            )  # fmt: skip
+        mha = self.module
+        self_attention = query is key and key is value
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not mha.batch_first:  # work batch-first so that routed rows are dim 0
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        n, length, e = query.shape
+        w_in, b_in = mha.in_proj_weight, mha.in_proj_bias
+        if self_attention:
+            qkv = F.linear(query, w_in, b_in)
+            qkv = self.add_deltas(qkv, query, _in_delta)
+            q, k, v = qkv.chunk(3, dim=-1)
+        else:
+            parts = []
+            for i, x in enumerate((query, key, value)):
+                b = b_in[i * e : (i + 1) * e] if b_in is not None else None
+                y = F.linear(x, w_in[i * e : (i + 1) * e], b)
+                parts.append(self.add_deltas(y, x, _in_delta_part(i)))
+            q, k, v = parts
+        heads = mha.num_heads
+        q, k, v = (t.reshape(n, -1, heads, e // heads).transpose(1, 2) for t in (q, k, v))
+        mask = _additive_mask(attn_mask, key_padding_mask, n, heads, q.dtype)
+        dropout_p = mha.dropout if mha.training else 0.0
+        weights = None
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            if mask is not None:
+                scores = scores + mask
+            elif is_causal:
+                causal = torch.ones(length, k.shape[2], dtype=torch.bool, device=q.device).tril()
+                scores = scores.masked_fill(~causal, float("-inf"))
+            probs = scores.softmax(dim=-1)
+            attn = F.dropout(probs, dropout_p, training=mha.training) @ v
+            weights = probs.mean(dim=1) if average_attn_weights else probs
+        else:
+            attn = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal and mask is None
+            )
+        attn = attn.transpose(1, 2).reshape(n, length, e)
+        out = F.linear(attn, mha.out_proj.weight, mha.out_proj.bias)
+        out = self.add_deltas(out, attn, _out_delta)
+        if unbatched:
+            out = out.squeeze(0)
+            weights = weights.squeeze(0) if weights is not None else None
+        elif not mha.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+
+def _in_delta(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
+    assert isinstance(layer, LoRAMultiheadAttention)
+    return layer.in_delta(x)
+
+
+def _in_delta_part(part: int) -> Callable[[LoRALayer, torch.Tensor], torch.Tensor]:
+    def delta(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
+        assert isinstance(layer, LoRAMultiheadAttention)
+        return layer.in_delta_part(x, part)
+
+    return delta
+
+
+def _out_delta(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
+    assert isinstance(layer, LoRAMultiheadAttention)
+    return layer.out_proj(x)
+
+
+def _additive_mask(
+    attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    n: int,
+    heads: int,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """nn.MultiheadAttention's masks (True or -inf = blocked) as one additive float mask."""
+
+    def additive(m: torch.Tensor) -> torch.Tensor:
+        if m.dtype == torch.bool:
+            return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+        return m.to(dtype)
+
+    mask = None
+    if attn_mask is not None:
+        mask = additive(attn_mask)
+        if mask.dim() == 3:  # (N·heads, L, S)
+            mask = mask.reshape(n, heads, *mask.shape[-2:])
+    if key_padding_mask is not None:
+        kpm = additive(key_padding_mask).reshape(n, 1, 1, -1)
+        mask = kpm if mask is None else mask + kpm
+    return mask
+
+
+class HeadSite(_Site):
+    """A task head trained in full and kept per adapter: the active adapter's copy runs in place of
+    the backbone's module. Routed per sample, each group of rows goes through its own adapter's head;
+    heads of different output sizes are zero-padded on the last dimension to the largest, and
+    ``Routing``'s owner trims each sample back (see ``HeadSite.sizes``)."""
+
+    def __init__(self, module: nn.Module, path: str, routing: Routing) -> None:
+        super().__init__(module, path, routing)
+        self.heads: dict[str, nn.Module] = {}
+        self.sizes: dict[str | None, int] = {}
+
+    def add(self, name: str, head: nn.Module) -> None:
+        if not self.heads:
+            self.attach()
+        self.heads[name] = head
+
+    def remove(self, name: str) -> None:
+        self.heads.pop(name, None)
+        if not self.heads:
+            self.detach()
+
+    def _head(self, name: str | None) -> Callable[..., torch.Tensor]:
+        head = self.heads.get(name) if name is not None else None
+        return head if head is not None else self.base_forward
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        r = self.routing
+        if not r.enabled:
+            return self.base_forward(x, *args, **kwargs)
+        if r.segments is None:
+            return self._head(r.head)(x, *args, **kwargs)
+        outs = [(rows, self._head(name)(x.index_select(0, rows), *args, **kwargs)) for name, rows in r.segments]
+        self.sizes = {name: y.shape[-1] for (name, _), (_, y) in zip(r.segments, outs)}
+        width = max(y.shape[-1] for _, y in outs)
+        first = outs[0][1]
+        result = first.new_zeros((r.batch_size, *first.shape[1:-1], width))
+        for rows, y in outs:
+            result = result.index_copy(0, rows, F.pad(y, (0, width - y.shape[-1])))
+        return result
+
+
+def plain_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` without the forwards that sites put on it (and without the sites)."""
+    taken = [(m, m.__dict__.pop("forward")) for m in module.modules() if "forward" in m.__dict__]
+    try:
+        return copy.deepcopy(module)
+    finally:
+        for m, forward in taken:
+            m.forward = forward

@@ -1,0 +1,434 @@
+"""AdapterModel: one frozen backbone carrying many named LoRA adapters and their task heads."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compose.policies import Stack, Switch
+from .errors import AdapterNotFound, ConfigError, MergeError, TargetError
+from .formats.fingerprint import fingerprint as compute_fingerprint
+from .lora import (
+    AttentionSite,
+    HeadSite,
+    LayerSite,
+    LoRAConfig,
+    LoRALayer,
+    Routing,
+    lora_class_for,
+    matches,
+    plain_copy,
+)
+from .lora.conv import _LoRAConvNd
+
+# ModuleDict keys cannot hold dots; module paths are stored with this separator instead.
+_SEP = "/"
+
+
+def _key(path: str) -> str:
+    return path.replace(".", _SEP)
+
+
+def _path(key: str) -> str:
+    return key.replace(_SEP, ".")
+
+
+class Adapter(nn.Module):
+    """One adapter's trainable state: a LoRA layer per adapted module and a copy of each head."""
+
+    def __init__(self, config: LoRAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        self.metadata: dict[str, Any] = {}
+
+    def layer_items(self) -> Iterator[tuple[str, LoRALayer]]:
+        for key, layer in self.layers.items():
+            yield _path(key), layer  # type: ignore[misc]
+
+    def head_items(self) -> Iterator[tuple[str, nn.Module]]:
+        for key, head in self.heads.items():
+            yield _path(key), head
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class AdapterModel(nn.Module):
+    """A frozen backbone with named LoRA adapters side by side.
+
+    Every backbone parameter is frozen when wrapped; the backbone's module classes, parameter names
+    and state dict stay as they are (deltas attach by taking over the adapted modules' forward).
+    In training mode the backbone's batch-norm layers stay in eval mode, so the shared backbone's
+    running statistics never move under one task's data.
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        self.backbone = backbone
+        self.adapters = nn.ModuleDict()
+        self.routing = Routing()
+        self._sites: dict[str, LayerSite] = {}
+        self._head_sites: dict[str, HeadSite] = {}
+        self._active: str | Stack | Switch | None = None
+        self._merged: tuple[tuple[str, float], ...] | None = None
+        self._fingerprint = compute_fingerprint(backbone)
+
+    # --- identity ------------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the frozen backbone (names, shapes, dtypes and bytes of parameters and buffers)."""
+        return self._fingerprint
+
+    def _module(self, path: str) -> nn.Module:
+        return self.backbone.get_submodule(path)
+
+    def _require(self, name: str) -> Adapter:
+        if name not in self.adapters:
+            known = ", ".join(self.adapters.keys()) or "none"
+            raise AdapterNotFound(f"no adapter named {name!r} (adapters: {known})")
+        return self.adapters[name]  # type: ignore[return-value]
+
+    # --- building adapters ---------------------------------------------------------------------
+    def resolve_targets(self, config: LoRAConfig) -> tuple[list[str], list[str]]:
+        """The module paths that get deltas and those that are heads, for this backbone."""
+        named = [(p, m) for p, m in self.backbone.named_modules() if p]
+        names = [p for p, _ in named]
+        heads: list[str] = []
+        for pattern in config.heads:
+            hits = [p for p, m in named if matches(pattern, p, m)]
+            if not hits:
+                raise TargetError(f"head pattern {pattern!r} matches no module{_close(pattern, names)}")
+            heads += [p for p in hits if p not in heads and not _under_any(p, heads)]
+        attention = {p for p, m in named if isinstance(m, nn.MultiheadAttention)}
+        targets: list[str] = []
+        for pattern in config.targets:
+            hits = [(p, m) for p, m in named if matches(pattern, p, m)]
+            if not hits:
+                raise TargetError(f"target pattern {pattern!r} matches no module{_close(pattern, names)}")
+            usable = []
+            for p, m in hits:
+                parent = p.rpartition(".")[0]
+                if parent in attention:  # out_proj is adapted through its MultiheadAttention
+                    if not any(matches(pattern, parent, self._module(parent)) for pattern in config.targets):
+                        raise TargetError(
+                            f"{p} is the output projection of a MultiheadAttention: target {parent} itself "
+                            "(its LoRA covers in_proj and out_proj)"
+                        )
+                    continue
+                if p in heads or _under_any(p, heads):
+                    continue  # a head is trained in full; a delta on it would add nothing
+                if lora_class_for(m) is not None:
+                    usable.append(p)
+            if not usable and not all(p in heads or _under_any(p, heads) for p, _ in hits):
+                kinds = sorted({f"{type(m).__name__} ({p})" for p, m in hits[:5]})
+                raise TargetError(
+                    f"target pattern {pattern!r} matches only layer types without a LoRA variant: "
+                    f"{', '.join(kinds)}; supported: Linear, Conv1d/2d/3d, Embedding, MultiheadAttention"
+                )
+            targets += [p for p in usable if p not in targets]
+        if not targets and not heads:
+            raise TargetError("the configuration adapts nothing: give targets and/or heads")
+        return targets, heads
+
+    def add_adapter(
+        self,
+        name: str,
+        config: LoRAConfig | None = None,
+        *,
+        head_modules: Mapping[str, nn.Module] | None = None,
+        layer_specs: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> Adapter:
+        """Add a new adapter: a LoRA layer on each target module and a trainable copy of each head.
+
+        ``head_modules`` replaces the copy of a head with a module of your own (e.g. a classifier
+        with another number of classes). ``layer_specs`` fixes each layer's r/alpha/rank/a_groups, as
+        stored in an adapter file; by default they follow ``config``.
+        """
+        config = config or LoRAConfig()
+        if not name or "." in name or _SEP in name:
+            raise ConfigError(f"adapter name {name!r} must be non-empty and hold no '.' or '/'")
+        if name in self.adapters:
+            raise ConfigError(f"an adapter named {name!r} already exists (delete_adapter it first)")
+        if layer_specs is None:
+            targets, heads = self.resolve_targets(config)
+            specs: dict[str, Mapping[str, Any]] = {
+                p: {"r": config.rank_for(p), "alpha": config.alpha_for(p)} for p in targets
+            }
+        else:
+            specs, heads = dict(layer_specs), list(config.heads)
+        adapter = Adapter(config)
+        for path, spec in specs.items():
+            base = self._module_for_layer(path)
+            cls = lora_class_for(base)
+            if cls is None:
+                raise TargetError(f"{path} is a {type(base).__name__}, which has no LoRA variant")
+            extra = {k: spec[k] for k in ("a_groups", "rank") if k in spec and issubclass(cls, _LoRAConvNd)}
+            adapter.layers[_key(path)] = cls(
+                base,  # type: ignore[arg-type]
+                int(spec["r"]),
+                float(spec["alpha"]),
+                use_rslora=config.use_rslora,
+                dropout=config.dropout,
+                init=config.init,
+                **extra,
+            )
+        head_modules = dict(head_modules or {})
+        for path in heads:
+            original = self._module_for_layer(path)
+            head = head_modules.pop(path, None) or plain_copy(original)
+            for p in head.parameters():
+                p.requires_grad_(True)
+            adapter.heads[_key(path)] = head
+        if head_modules:
+            raise TargetError(f"head_modules names {sorted(head_modules)} which are not heads of this config")
+        adapter.to(next(iter(self.backbone.parameters()), torch.empty(0)).device)
+        self.adapters[name] = adapter
+        for path, layer in adapter.layer_items():
+            self._site(path).add(name, layer)
+        for path, head in adapter.head_items():
+            self._head_site(path).add(name, head)
+        adapter.requires_grad_(False)
+        adapter.train(self.training)
+        return adapter
+
+    def _module_for_layer(self, path: str) -> nn.Module:
+        try:
+            return self._module(path)
+        except AttributeError:
+            raise TargetError(f"the backbone has no module {path!r}") from None
+
+    def _site(self, path: str) -> LayerSite:
+        if path not in self._sites:
+            module = self._module(path)
+            cls = AttentionSite if isinstance(module, nn.MultiheadAttention) else LayerSite
+            self._sites[path] = cls(module, path, self.routing)
+        return self._sites[path]
+
+    def _head_site(self, path: str) -> HeadSite:
+        if path not in self._head_sites:
+            self._head_sites[path] = HeadSite(self._module(path), path, self.routing)
+        return self._head_sites[path]
+
+    def delete_adapter(self, name: str) -> None:
+        adapter = self._require(name)
+        if self._merged and any(n == name for n, _ in self._merged):
+            raise MergeError(f"adapter {name!r} is merged into the backbone; unmerge() first")
+        for path, _ in adapter.layer_items():
+            self._sites[path].remove(name)
+        for path, _ in adapter.head_items():
+            self._head_sites[path].remove(name)
+        del self.adapters[name]
+        if self._active is not None and name in _names(self._active):
+            self.activate(None)
+
+    def adapter_config(self, name: str) -> LoRAConfig:
+        return self._require(name).config
+
+    # --- activation ----------------------------------------------------------------------------
+    @property
+    def active(self) -> str | Stack | Switch | None:
+        return self._active
+
+    def activate(self, spec: str | Stack | Switch | None) -> None:
+        """Make ``spec`` the live composition. Only its adapters' parameters are trainable.
+
+        O(1) in the number of layers: the sites read the shared routing at every forward.
+        """
+        if self._merged is not None:
+            raise MergeError("adapters are merged into the backbone; unmerge() before activating others")
+        names = _names(spec)
+        for n in names:
+            self._require(n)
+        r = self.routing
+        r.segments = None
+        if spec is None:
+            r.weighted, r.head = (), None
+        elif isinstance(spec, str):
+            r.weighted, r.head = ((spec, 1.0),), spec
+        elif isinstance(spec, Stack):
+            r.weighted, r.head = spec.weighted, self._stack_head(spec)
+        elif isinstance(spec, Switch):
+            r.weighted, r.head = (), None
+        else:
+            raise ConfigError(f"cannot activate {spec!r}: give an adapter name, a Stack or a Switch")
+        for n, adapter in self.adapters.items():
+            adapter.requires_grad_(n in names)
+        self._active = spec
+
+    def _stack_head(self, stack: Stack) -> str | None:
+        if stack.head is not None:
+            return stack.head or None
+        return next((n for n in stack.names if len(self.adapters[n].heads)), None)
+
+    @contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Run the bare backbone inside the block (merged deltas are taken out and put back exactly)."""
+        merged = self._merged
+        if merged is not None:
+            self.unmerge()
+        previous = self.routing.enabled
+        self.routing.enabled = False
+        try:
+            yield
+        finally:
+            self.routing.enabled = previous
+            if merged is not None:
+                self._merge_weighted(merged, self._merged_head)
+
+    # --- forward -------------------------------------------------------------------------------
+    def forward(self, *args: Any, route: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+        if route is None:
+            if isinstance(self._active, Switch) and self.routing.enabled:
+                raise ConfigError("a Switch is active: pass route=[adapter per sample]")
+            return self.backbone(*args, **kwargs)
+        return self._routed_forward(args, kwargs, route)
+
+    def _routed_forward(self, args: tuple, kwargs: dict, route: Sequence[str | None]) -> Any:
+        if not isinstance(self._active, Switch):
+            raise ConfigError("route= needs an active Switch: model.activate(Switch('a', 'b', ...))")
+        x = args[0]
+        if len(route) != x.shape[0]:
+            raise ConfigError(f"route has {len(route)} entries for a batch of {x.shape[0]} samples")
+        allowed = set(self._active.names)
+        unknown = sorted({str(n) for n in route if n is not None and n not in allowed})
+        if unknown:
+            raise ConfigError(f"route names {unknown} which are not in the active Switch {list(allowed)}")
+        groups: dict[str | None, list[int]] = {}
+        for i, n in enumerate(route):
+            groups.setdefault(n, []).append(i)
+        r = self.routing
+        r.segments = tuple(
+            (n, torch.tensor(rows, dtype=torch.long, device=x.device)) for n, rows in groups.items()
+        )
+        r.batch_size = x.shape[0]
+        try:
+            return self.backbone(*args, **kwargs)
+        finally:
+            r.segments = None
+
+    def train(self, mode: bool = True) -> AdapterModel:
+        super().train(mode)
+        if mode:  # the shared backbone's running statistics are frozen like its weights
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    # --- merge ---------------------------------------------------------------------------------
+    def merge(self, spec: str | Stack) -> None:
+        """Fold the deltas into the backbone weights (zero-overhead inference); exact ``unmerge()``."""
+        if self._merged is not None:
+            raise MergeError("adapters are already merged; unmerge() first")
+        if isinstance(spec, str):
+            self._require(spec)
+            weighted, head = ((spec, 1.0),), spec
+        elif isinstance(spec, Stack):
+            for n in spec.names:
+                self._require(n)
+            weighted, head = spec.weighted, self._stack_head(spec)
+        else:
+            raise ConfigError(f"cannot merge {spec!r}: give an adapter name or a Stack")
+        self._merge_weighted(weighted, head)
+
+    def _merge_weighted(self, weighted: tuple[tuple[str, float], ...], head: str | None) -> None:
+        for site in self._sites.values():  # check every layer before changing any
+            if (why := site.merge_blocker(weighted)) is not None:
+                raise MergeError(f"cannot merge: {why}")
+        for site in self._sites.values():
+            site.merge(weighted)
+        self._previous = (self._active, self.routing.weighted, self.routing.head)
+        self.routing.weighted, self.routing.head = (), head
+        self._merged, self._merged_head = weighted, head
+
+    def unmerge(self) -> None:
+        """Restore the backbone weights bit for bit."""
+        if self._merged is None:
+            return
+        for site in self._sites.values():
+            site.unmerge()
+        self._active, self.routing.weighted, self.routing.head = self._previous
+        self._merged = None
+
+    @property
+    def merged(self) -> tuple[tuple[str, float], ...] | None:
+        return self._merged
+
+    # --- counts --------------------------------------------------------------------------------
+    def num_backbone_parameters(self) -> int:
+        return sum(p.numel() for p in self.backbone.parameters())
+
+    def num_trainable_parameters(self, name: str) -> int:
+        """Parameters trained for this adapter: its LoRA factors plus its heads."""
+        return self._require(name).num_parameters()
+
+    def parameter_counts(self) -> dict[str, dict[str, float]]:
+        """Per adapter: LoRA parameters, head parameters, total and share of the backbone's."""
+        backbone = self.num_backbone_parameters()
+        out = {}
+        for name, adapter in self.adapters.items():
+            lora = sum(p.numel() for p in adapter.layers.parameters())
+            heads = sum(p.numel() for p in adapter.heads.parameters())
+            out[name] = {"lora": lora, "heads": heads, "total": lora + heads, "share": (lora + heads) / backbone}
+        return out
+
+    # --- files ---------------------------------------------------------------------------------
+    def save_adapter(self, name: str, path: str | Path) -> None:
+        from .formats.adapter_file import save_adapter
+
+        save_adapter(self, name, path)
+
+    def load_adapter(self, name: str, path: str | Path, *, force: bool = False) -> Adapter:
+        from .formats.adapter_file import load_adapter
+
+        return load_adapter(self, name, path, force=force)
+
+    def adapter_to_bytes(self, name: str) -> bytes:
+        from .formats.adapter_file import adapter_to_bytes
+
+        return adapter_to_bytes(self, name)
+
+    def adapter_from_bytes(self, name: str, data: bytes, *, force: bool = False) -> Adapter:
+        from .formats.adapter_file import adapter_from_bytes
+
+        return adapter_from_bytes(self, name, data, force=force)
+
+    def export_peft(self, name: str, directory: str | Path, *, base_model_name_or_path: str | None = None) -> None:
+        from .formats.peft import export_peft
+
+        export_peft(self, name, directory, base_model_name_or_path=base_model_name_or_path)
+
+    def import_peft(self, directory: str | Path, name: str, *, adapter_name: str = "default") -> Adapter:
+        from .formats.peft import import_peft
+
+        return import_peft(self, directory, name, adapter_name=adapter_name)
+
+
+def _names(spec: str | Stack | Switch | None) -> tuple[str, ...]:
+    if spec is None:
+        return ()
+    if isinstance(spec, str):
+        return (spec,)
+    if isinstance(spec, Stack | Switch):
+        return spec.names
+    return ()
+
+
+def _under_any(path: str, roots: Sequence[str]) -> bool:
+    return any(path.startswith(root + ".") for root in roots)
+
+
+def _close(pattern: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(pattern, names, n=4, cutoff=0.5)
+    if not close:
+        close = [n for n in names if "." not in n][:4]
+    return f"; close module names: {', '.join(close)}" if close else ""
