@@ -4,8 +4,25 @@ from __future__ import annotations
 
 import click
 
+from ._app import HubGroup, State
+from .catalog import backbone, task
+from .db_cmds import db
+from .inspect_cmds import lineage, ls, metrics, show, versions
+from .manage import alias, gc, rm, tag, verify
+from .transfer import export, import_
 
-@click.group()
+
+@click.group(cls=HubGroup)
 @click.version_option(package_name="adapter-hub")
-def main() -> None:
+@click.option("--home", envvar="ADAPTER_HUB_HOME", help="Registry home (hub.db, artifacts/). [~/.adapter_hub]")
+@click.option("--db", envvar="ADAPTER_HUB_DB", help="Database as a SQLAlchemy URL. [sqlite:///HOME/hub.db]")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@click.pass_context
+def main(ctx: click.Context, home: str | None, db: str | None, as_json: bool) -> None:
     """One frozen backbone, many LoRA adapters."""
+    state = ctx.ensure_object(State)
+    state.home, state.db, state.json = home, db, as_json or state.json
+
+
+for _command in (db, backbone, task, ls, show, versions, lineage, metrics, alias, tag, verify, gc, rm, export, import_):
+    main.add_command(_command)

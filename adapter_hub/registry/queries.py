@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from .errors import NotFound
 from .models import AdapterRow, AliasRow, BackboneRow, EdgeRow, MetricRow, TagRow, TaskRow, VersionRow
-from .records import AdapterSummary, Backbone, MetricRecord, MetricTable, Task, Version
+from .records import AdapterSummary, Backbone, MetricRecord, MetricTable, Task, Version, aware
 from .refs import Ref, format_ref, suggest
 
 _CHUNK = 500  # ids per IN (...) list
@@ -23,11 +23,11 @@ def _chunks(ids: Sequence[int]) -> Iterable[Sequence[int]]:
 
 
 def backbone_record(row: BackboneRow) -> Backbone:
-    return Backbone(row.name, row.architecture, row.fingerprint, row.source, row.description, row.created_at)
+    return Backbone(row.name, row.architecture, row.fingerprint, row.source, row.description, aware(row.created_at))
 
 
 def task_record(row: TaskRow) -> Task:
-    return Task(row.name, row.domain, row.description, row.output, row.metric, row.direction, row.created_at)
+    return Task(row.name, row.domain, row.description, row.output, row.metric, row.direction, aware(row.created_at))
 
 
 def backbone_row(s: Session, name: str) -> BackboneRow:
@@ -177,7 +177,7 @@ def version_records(s: Session, ids: Sequence[int]) -> list[Version]:
                 trainable_params=v.trainable_params,
                 status=v.status,
                 description=v.description,
-                created_at=v.created_at,
+                created_at=aware(v.created_at),
                 created_by=v.created_by,
                 aliases=tuple(sorted(aliases[vid])),
                 tags=dict(sorted(tags[vid].items())),
@@ -218,7 +218,7 @@ def adapter_summaries(s: Session, task: str | None, name: str | None = None) -> 
     for adapter_id, alias, number in s.execute(alias_stmt):
         aliases[adapter_id][alias] = number
     return [
-        AdapterSummary(t, a, int(count), latest, dict(sorted(aliases[aid].items())), updated)
+        AdapterSummary(t, a, int(count), latest, dict(sorted(aliases[aid].items())), aware(updated))
         for aid, t, a, count, latest, updated in rows
     ]
 
@@ -243,7 +243,7 @@ def lineage_edges(s: Session, root_id: int) -> list[EdgeRow]:
 
 
 def metric_record(row: MetricRow, ref: str) -> MetricRecord:
-    return MetricRecord(ref, row.name, row.value, row.split, row.dataset, row.step, row.logged_at)
+    return MetricRecord(ref, row.name, row.value, row.split, row.dataset, row.step, aware(row.logged_at))
 
 
 def metric_records(s: Session, ids: Sequence[int]) -> list[MetricRecord]:

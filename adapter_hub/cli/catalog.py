@@ -1,0 +1,126 @@
+"""adapter-hub backbone add|ls, task add|ls"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ._app import State, console, emit_json, json_option, pass_state, short, when
+
+
+@click.group()
+def backbone() -> None:
+    """Frozen backbones, identified by fingerprint."""
+
+
+@backbone.command("add")
+@click.argument("name")
+@click.argument("architecture", required=False)
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="A .safetensors state dict.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation.")
+@click.option("--num-classes", type=int, help="Output size of the architecture's classifier.")
+@click.option("--fingerprint", "fingerprint_hex", help="Record a fingerprint only (no way to rebuild it).")
+@click.option("--description")
+@json_option
+@pass_state
+def backbone_add(
+    state: State,
+    name: str,
+    architecture: str | None,
+    weights: str | None,
+    seed: int,
+    num_classes: int | None,
+    fingerprint_hex: str | None,
+    description: str | None,
+) -> None:
+    """Register backbone NAME built from ARCHITECTURE (a torchvision name or module:callable)."""
+    from ..registry.errors import RegistryError
+
+    hub = state.hub()
+    if fingerprint_hex is not None:
+        record = hub.add_backbone(name, fingerprint_hex, architecture=architecture, description=description)
+    else:
+        if architecture is None:
+            raise RegistryError("give an ARCHITECTURE (torchvision name or module:callable) or --fingerprint")
+        from ._backbones import build
+
+        source = {
+            "architecture": architecture,
+            "weights": str(Path(weights).resolve()) if weights else None,
+            "seed": seed,
+            "num_classes": num_classes,
+        }
+        module = build(source)
+        record = hub.add_backbone(name, module, architecture=architecture, source=source, description=description)
+    if state.json:
+        emit_json(record.to_dict())
+    else:
+        click.echo(f"backbone {record.name}: fingerprint {record.fingerprint}")
+
+
+@backbone.command("ls")
+@json_option
+@pass_state
+def backbone_ls(state: State) -> None:
+    """List backbones."""
+    records = state.hub().backbones()
+    if state.json:
+        emit_json([r.to_dict() for r in records])
+        return
+    table = Table("name", "architecture", "fingerprint", "weights", "added", title="backbones")
+    for r in records:
+        weights = (r.source or {}).get("weights") or "-"
+        table.add_row(r.name, r.architecture or "-", short(r.fingerprint), weights, when(r.created_at))
+    console().print(table)
+
+
+@click.group()
+def task() -> None:
+    """Tasks: what adapters are for."""
+
+
+@task.command("add")
+@click.argument("name")
+@click.option("--domain")
+@click.option("--num-classes", type=int)
+@click.option("--metric", help="Metric of record, e.g. val/accuracy.")
+@click.option("--direction", type=click.Choice(["max", "min"]), default="max", show_default=True)
+@click.option("--description")
+@json_option
+@pass_state
+def task_add(
+    state: State,
+    name: str,
+    domain: str | None,
+    num_classes: int | None,
+    metric: str | None,
+    direction: str,
+    description: str | None,
+) -> None:
+    """Register task NAME."""
+    record = state.hub().add_task(
+        name, domain=domain, num_classes=num_classes, metric=metric, direction=direction, description=description
+    )
+    if state.json:
+        emit_json(record.to_dict())
+    else:
+        click.echo(f"task {record.name} added")
+
+
+@task.command("ls")
+@json_option
+@pass_state
+def task_ls(state: State) -> None:
+    """List tasks."""
+    records = state.hub().tasks()
+    if state.json:
+        emit_json([r.to_dict() for r in records])
+        return
+    table = Table("name", "domain", "output", "metric", "description", title="tasks")
+    for r in records:
+        output = ", ".join(f"{k}={v}" for k, v in (r.output or {}).items()) or "-"
+        metric = f"{r.metric} ({r.direction})" if r.metric else "-"
+        table.add_row(r.name, r.domain or "-", output, metric, r.description or "")
+    console().print(table)
