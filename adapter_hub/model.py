@@ -115,7 +115,7 @@ class AdapterModel(nn.Module):
             hits = [(p, m) for p, m in named if matches(pattern, p, m)]
             if not hits:
                 raise TargetError(f"target pattern {pattern!r} matches no module{_close(pattern, names)}")
-            usable = []
+            usable, covered = [], 0
             for p, m in hits:
                 parent = p.rpartition(".")[0]
                 if parent in attention:  # out_proj is adapted through its MultiheadAttention
@@ -124,12 +124,14 @@ class AdapterModel(nn.Module):
                             f"{p} is the output projection of a MultiheadAttention: target {parent} itself "
                             "(its LoRA covers in_proj and out_proj)"
                         )
+                    covered += 1
                     continue
                 if p in heads or _under_any(p, heads):
-                    continue  # a head is trained in full; a delta on it would add nothing
+                    covered += 1  # a head is trained in full; a delta on it would add nothing
+                    continue
                 if lora_class_for(m) is not None:
                     usable.append(p)
-            if not usable and not all(p in heads or _under_any(p, heads) for p, _ in hits):
+            if not usable and not covered:
                 kinds = sorted({f"{type(m).__name__} ({p})" for p, m in hits[:5]})
                 raise TargetError(
                     f"target pattern {pattern!r} matches only layer types without a LoRA variant: "
@@ -307,9 +309,7 @@ class AdapterModel(nn.Module):
         for i, n in enumerate(route):
             groups.setdefault(n, []).append(i)
         r = self.routing
-        r.segments = tuple(
-            (n, torch.tensor(rows, dtype=torch.long, device=x.device)) for n, rows in groups.items()
-        )
+        r.segments = tuple((n, torch.tensor(rows, dtype=torch.long, device=x.device)) for n, rows in groups.items())
         r.batch_size = x.shape[0]
         try:
             return self.backbone(*args, **kwargs)

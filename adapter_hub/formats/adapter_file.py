@@ -59,9 +59,36 @@ def adapter_metadata(model: AdapterModel, name: str) -> dict[str, str]:
     }
 
 
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def canonical_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """Safetensors bytes with a canonical header (sorted keys, tensors in name order).
+
+    ``safetensors.torch.save`` keeps the metadata in a hash map whose order changes from one process
+    to the next; artifacts are addressed by their sha256, so the same adapter must give the same bytes.
+    The result is a standard safetensors file that ``safetensors`` (and PEFT) read as usual.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+
+
 def adapter_to_bytes(model: AdapterModel, name: str) -> bytes:
     """The file's exact bytes; the same adapter always gives the same bytes."""
-    return safetensors.torch.save(adapter_tensors(model, name), metadata=adapter_metadata(model, name))
+    return canonical_safetensors(adapter_tensors(model, name), adapter_metadata(model, name))
 
 
 def save_adapter(model: AdapterModel, name: str, path: str | os.PathLike) -> None:
@@ -150,7 +177,7 @@ def build_adapter(
     head_modules = {}
     for path in config.heads:
         original = model._module_for_layer(path)
-        head_modules[path] = head_from_tensors(original, path, tensors)
+        head_modules[path] = head_from_tensors(original, path, tensors, source)
     adapter = model.add_adapter(name, config, head_modules=head_modules, layer_specs=specs)
     try:
         expected = adapter_tensors(model, name)
@@ -163,8 +190,7 @@ def build_adapter(
         for key in sorted(expected):
             if tuple(tensors[key].shape) != tuple(expected[key].shape):
                 raise AdapterFileError(
-                    f"{source}: key {key} has shape {tuple(tensors[key].shape)}, "
-                    f"expected {tuple(expected[key].shape)}"
+                    f"{source}: key {key} has shape {tuple(tensors[key].shape)}, expected {tuple(expected[key].shape)}"
                 )
         for path, module in [*adapter.layer_items(), *adapter.head_items()]:
             prefix = path + "."
@@ -177,21 +203,32 @@ def build_adapter(
     return adapter
 
 
-def head_from_tensors(original: nn.Module, path: str, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A copy of the backbone's module whose tensors take the saved shapes (e.g. another class count)."""
+def head_from_tensors(
+    original: nn.Module, path: str, tensors: Mapping[str, torch.Tensor], source: str = "adapter data"
+) -> nn.Module:
+    """A copy of the backbone's module whose tensors take the saved sizes of their first (output)
+    dimension, e.g. a classifier with another number of classes. Any other change of shape is refused."""
     head = plain_copy(original)
-    for key, t in head.state_dict().items():
-        saved = tensors.get(f"{path}.{key}")
-        if saved is None or saved.shape == t.shape:
-            continue
-        owner_path, _, attr = key.rpartition(".")
-        owner = head.get_submodule(owner_path) if owner_path else head
-        new = torch.empty(saved.shape, dtype=t.dtype, device=t.device)
-        if attr in owner._parameters:
-            owner._parameters[attr] = nn.Parameter(new)
-        else:
-            owner._buffers[attr] = new
-        _resize_attributes(owner)
+    for owner_path, owner in head.named_modules():
+        local = {**owner._parameters, **owner._buffers}
+        new_outputs = set()
+        for attr, t in local.items():
+            key = f"{path}.{owner_path + '.' if owner_path else ''}{attr}"
+            saved = tensors.get(key)
+            if t is None or saved is None or saved.shape == t.shape:
+                continue
+            if saved.dim() != t.dim() or saved.dim() == 0 or saved.shape[1:] != t.shape[1:]:
+                raise AdapterFileError(f"{source}: key {key} has shape {tuple(saved.shape)}, expected {tuple(t.shape)}")
+            new_outputs.add(saved.shape[0])
+            new = torch.empty(saved.shape, dtype=t.dtype, device=t.device)
+            if attr in owner._parameters:
+                owner._parameters[attr] = nn.Parameter(new)
+            else:
+                owner._buffers[attr] = new
+        if len(new_outputs) > 1:
+            raise AdapterFileError(f"{source}: the tensors of head {path} disagree on their output size")
+        if new_outputs:
+            _resize_attributes(owner)
     return head
 
 

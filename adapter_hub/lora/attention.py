@@ -41,9 +41,7 @@ class LoRAMultiheadAttention(LoRALayer):
         self.lora_B = nn.Linear(r, 3 * e, bias=False, **factory)
         init_a(self.lora_A.weight, init, r)
         nn.init.zeros_(self.lora_B.weight)
-        self.out_proj = LoRALinear(
-            base.out_proj, r, alpha, use_rslora=use_rslora, dropout=dropout, init=init
-        )
+        self.out_proj = LoRALinear(base.out_proj, r, alpha, use_rslora=use_rslora, dropout=dropout, init=init)
         self.embed_dim = e
 
     def in_delta(self, x: torch.Tensor) -> torch.Tensor:
