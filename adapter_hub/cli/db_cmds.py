@@ -7,7 +7,7 @@ from typing import TypeVar
 
 import click
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import InterfaceError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import DatabaseError, InterfaceError, NoSuchModuleError
 
 from ..registry import schema
 from ..registry.db import make_engine, parse_url
@@ -20,7 +20,7 @@ T = TypeVar("T")
 def _guard(url: str, fn: Callable[[], T]) -> T:
     try:
         return fn()
-    except (OperationalError, InterfaceError, NoSuchModuleError, ModuleNotFoundError) as exc:
+    except (DatabaseError, InterfaceError, NoSuchModuleError, ModuleNotFoundError) as exc:
         where = parse_url(url).render_as_string(hide_password=True)
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise DatabaseUnreachable(f"cannot open database {where}: {reason}") from None

@@ -51,7 +51,10 @@ def make_engine(url: str | URL) -> Engine:
     if path is None:
         kwargs = {"connect_args": {"check_same_thread": False}, "poolclass": StaticPool}
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatabaseUnreachable(f"cannot open database {url}: {exc}") from None
     engine = create_engine(url, **kwargs)
     _tune_sqlite(engine, wal=path is not None)
     return engine

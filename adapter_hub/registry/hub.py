@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, InterfaceError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import DatabaseError, IntegrityError, InterfaceError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import FingerprintMismatch
@@ -114,7 +114,7 @@ class Hub:
             if state.empty and create:
                 state = schema.upgrade(engine, only_if_empty=True)
             schema.check(state, f"database {where}")
-        except (OperationalError, InterfaceError, NoSuchModuleError, ModuleNotFoundError) as exc:
+        except (DatabaseError, InterfaceError, NoSuchModuleError, ModuleNotFoundError) as exc:
             engine.dispose()
             raise DatabaseUnreachable(f"cannot open database {where}: {_one_line(exc)}") from None
         except BaseException:
@@ -260,7 +260,7 @@ class Hub:
         name = check_name("adapter", name or adapter_name)
         if adapter_name not in model.adapters:
             raise NotFound(f"the model holds no adapter {adapter_name!r}")
-        parent_specs = list(dict.fromkeys(_as_parent(p) for p in parents))
+        parent_specs = list({(p.ref, p.relation): p for p in map(_as_parent, parents)}.values())
         metric_values = {str(k): float(v) for k, v in (metrics or {}).items()}
         bad = [k for k, v in metric_values.items() if not math.isfinite(v) or not k]
         if bad:

@@ -224,7 +224,7 @@ def adapter_summaries(s: Session, task: str | None, name: str | None = None) -> 
 
 
 def lineage_edges(s: Session, root_id: int) -> list[EdgeRow]:
-    """Edges on any path into (ancestors) or out of (descendants) the root, level by level."""
+    """Edges on any path into (ancestors) or out of (descendants) the root, found level by level."""
     found: dict[int, EdgeRow] = {}
     for up in (True, False):
         seen, frontier = {root_id}, {root_id}
@@ -239,6 +239,11 @@ def lineage_edges(s: Session, root_id: int) -> list[EdgeRow]:
                         seen.add(other)
                         nxt.add(other)
             frontier = nxt
+    # and the edges between any two versions of the graph (a descendant also made from an ancestor)
+    ids = sorted({root_id} | {e.child_id for e in found.values()} | {e.parent_id for e in found.values()})
+    for chunk in _chunks(ids):
+        for edge in s.scalars(select(EdgeRow).where(EdgeRow.child_id.in_(chunk), EdgeRow.parent_id.in_(ids))):
+            found[edge.id] = edge
     return list(found.values())
 
 
