@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .compose.policies import Stack, Switch
+from .compose.routing import Plan, RoutedOutput
 from .errors import AdapterNotFound, ConfigError, MergeError, TargetError
 from .formats.fingerprint import fingerprint as compute_fingerprint
 from .lora import (
@@ -295,24 +296,16 @@ class AdapterModel(nn.Module):
             return self.backbone(*args, **kwargs)
         return self._routed_forward(args, kwargs, route)
 
-    def _routed_forward(self, args: tuple, kwargs: dict, route: Sequence[str | None]) -> Any:
+    def _routed_forward(self, args: tuple, kwargs: dict, route: Sequence[str | None]) -> RoutedOutput:
         if not isinstance(self._active, Switch):
             raise ConfigError("route= needs an active Switch: model.activate(Switch('a', 'b', ...))")
         x = args[0]
-        if len(route) != x.shape[0]:
-            raise ConfigError(f"route has {len(route)} entries for a batch of {x.shape[0]} samples")
-        allowed = set(self._active.names)
-        unknown = sorted({str(n) for n in route if n is not None and n not in allowed})
-        if unknown:
-            raise ConfigError(f"route names {unknown} which are not in the active Switch {list(allowed)}")
-        groups: dict[str | None, list[int]] = {}
-        for i, n in enumerate(route):
-            groups.setdefault(n, []).append(i)
+        plan = Plan.build(route, self._active.names, x.shape[0], x.device)
         r = self.routing
-        r.segments = tuple((n, torch.tensor(rows, dtype=torch.long, device=x.device)) for n, rows in groups.items())
-        r.batch_size = x.shape[0]
+        r.segments, r.batch_size, r.widths = plan.segments, x.shape[0], {}
         try:
-            return self.backbone(*args, **kwargs)
+            sorted_out = self.backbone(x.index_select(0, plan.perm), *args[1:], **kwargs)
+            return RoutedOutput(sorted_out, plan, dict(r.widths))
         finally:
             r.segments = None
 
@@ -362,6 +355,29 @@ class AdapterModel(nn.Module):
     @property
     def merged(self) -> tuple[tuple[str, float], ...] | None:
         return self._merged
+
+    # --- combine --------------------------------------------------------------------------------
+    def combine(
+        self,
+        new_name: str,
+        names: Sequence[str],
+        weights: Sequence[float] | None = None,
+        method: str = "linear",
+        **params: Any,
+    ) -> Adapter:
+        """A new adapter from several: Σ wᵢ·ΔWᵢ combined by ``method`` on each layer's full delta.
+
+        Methods: ``linear`` / ``cat`` (exact, rank Σrᵢ; task arithmetic, negative weights allowed),
+        ``svd`` (best rank-``rank`` approximation, from the factors), ``ties`` (``density``,
+        ``sign="total"|"frequency"``), ``dare_linear`` / ``dare_ties`` (``density``, ``seed``),
+        ``magnitude_prune`` (``density``); the dense methods are factorised back to ``rank``
+        (default Σrᵢ). Weights default to 1/n. Heads are averaged with the weights normalised to sum 1,
+        or taken from ``head="<adapter>"`` (``head=""``: none). The recipe and the relative Frobenius
+        error of each truncation are in ``adapter.metadata["recipe"]``.
+        """
+        from .compose.combine import combine
+
+        return combine(self, new_name, names, weights, method, **params)
 
     # --- counts --------------------------------------------------------------------------------
     def num_backbone_parameters(self) -> int:

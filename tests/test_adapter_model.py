@@ -203,3 +203,22 @@ def test_grouped_conv_crossing_groups_refuses_to_merge():
     with pytest.raises(MergeError, match="mixes input channels across"):
         model.merge("a")
     assert torch.equal(net[0].weight, before) and model.merged is None
+
+
+def test_gaussian_init_and_dropout(x):
+    model = AdapterModel(resnet())
+    layer = dict(model.add_adapter("g", LoRAConfig(r=8, targets=["fc"], init="gaussian", dropout=0.5)).layer_items())["fc"]
+    a = layer.lora_A.weight
+    assert torch.equal(layer.lora_B.weight, torch.zeros_like(layer.lora_B.weight))
+    assert abs(a.std().item() - 1 / 8) < 0.01, "gaussian init draws A from N(0, 1/r²)"
+    randomize(model, "g")
+    model.activate("g")
+    model.eval()
+    assert torch.equal(model(x), model(x)), "no dropout in eval mode"
+    model.train()
+    torch.manual_seed(0)
+    first = model(x)
+    torch.manual_seed(1)
+    assert not torch.equal(first, model(x)), "dropout on the delta's input in training mode"
+    with pytest.raises(LoRAConfigError, match="unknown init"):
+        LoRAConfig(init="orthogonal")

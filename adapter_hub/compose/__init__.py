@@ -1,5 +1,6 @@
-"""Composition: Stack / Switch policies, merge methods as pure tensor functions."""
+"""Composition: Stack / Switch policies, per-sample routing, and merge methods as pure tensor functions."""
 
 from .policies import Stack, Switch
+from .routing import RoutedOutput
 
-__all__ = ["Stack", "Switch"]
+__all__ = ["RoutedOutput", "Stack", "Switch"]

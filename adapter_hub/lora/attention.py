@@ -57,6 +57,19 @@ class LoRAMultiheadAttention(LoRALayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.in_delta(x)
 
+    def factors(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        return {
+            "in_proj_weight": [(self.lora_B.weight * self.scaling, self.lora_A.weight)],
+            "out_proj.weight": self.out_proj.factors()["weight"],
+        }
+
+    @torch.no_grad()
+    def set_factors(self, factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        ((b, a),) = factors["in_proj_weight"]
+        self.lora_A.weight.copy_(a)
+        self.lora_B.weight.copy_(b / self.scaling)
+        self.out_proj.set_factors({"weight": factors["out_proj.weight"]})
+
     def delta_weights(self) -> dict[str, torch.Tensor]:
         return {
             "in_proj_weight": (self.lora_B.weight @ self.lora_A.weight) * self.scaling,

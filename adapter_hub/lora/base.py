@@ -60,6 +60,16 @@ class LoRALayer(nn.Module):
     def delta_weights(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def factors(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The delta as low-rank factors with the scaling folded in, per base parameter and per block
+        (one block, or one per group of a grouped conv): ΔW_block = B·A with B (out, k), A (k, n)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def set_factors(self, factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Set A and B so that the delta equals the given factors (the inverse of ``factors``)."""
+        raise NotImplementedError
+
     @property
     def mergeable(self) -> bool:
         """Whether the delta can be folded into the base weight; see ``merge_blocker``."""

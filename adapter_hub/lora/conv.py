@@ -103,6 +103,25 @@ class _LoRAConvNd(LoRALayer):
     def delta_weights(self) -> dict[str, torch.Tensor]:
         return {"weight": self.delta_weight()}
 
+    def factors(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """One (B_g, A_g) block per group: B_g (out/g, rank/g), A_g (rank/g, in/g·∏kernel)."""
+        if (why := self.merge_blocker()) is not None:
+            raise ValueError(f"this conv delta has no per-group factors: {why}")
+        g = self.groups
+        a = self.lora_A.weight.flatten(1)
+        b = self.lora_B.weight.flatten(1) * self.scaling
+        rg, og = self.rank // g, b.shape[0] // g
+        return {"weight": [(b[j * og : (j + 1) * og], a[j * rg : (j + 1) * rg]) for j in range(g)]}
+
+    @torch.no_grad()
+    def set_factors(self, factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        blocks = factors["weight"]
+        if len(blocks) != self.groups or self.a_groups != self.groups:
+            raise ValueError(f"expected {self.groups} per-group blocks for a grouped A")
+        self.lora_A.weight.copy_(torch.cat([a for _, a in blocks]).reshape(self.lora_A.weight.shape))
+        b = torch.cat([b for b, _ in blocks]) / self.scaling
+        self.lora_B.weight.copy_(b.reshape(self.lora_B.weight.shape))
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, groups={self.groups}, a_groups={self.a_groups}"
 

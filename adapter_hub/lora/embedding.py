@@ -46,3 +46,13 @@ class LoRAEmbedding(LoRALayer):
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
         return {"weight": self.delta_weight()}
+
+    def factors(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        # ΔW (num, dim) = (s·Aᵀ)·Bᵀ
+        return {"weight": [(self.lora_A.weight.t() * self.scaling, self.lora_B.weight.t())]}
+
+    @torch.no_grad()
+    def set_factors(self, factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        ((b, a),) = factors["weight"]
+        self.lora_A.weight.copy_(b.t())
+        self.lora_B.weight.copy_(a.t() / self.scaling)

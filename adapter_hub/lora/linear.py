@@ -40,3 +40,12 @@ class LoRALinear(LoRALayer):
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
         return {"weight": self.delta_weight()}
+
+    def factors(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        return {"weight": [(self.lora_B.weight * self.scaling, self.lora_A.weight)]}
+
+    @torch.no_grad()
+    def set_factors(self, factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        ((b, a),) = factors["weight"]
+        self.lora_A.weight.copy_(a)
+        self.lora_B.weight.copy_(b / self.scaling)

@@ -3,8 +3,9 @@
 A site takes over its module's ``forward`` through an instance attribute (the class, the parameter
 names and the state dict of the backbone stay untouched) and adds the deltas that the shared
 ``Routing`` says are active: a weighted sum on every sample (single adapter, stack) and/or one
-adapter per group of rows (per-sample switch). The grouping of rows is computed once per forward by
-whoever fills ``Routing.segments`` and reused by every site.
+adapter per group of rows (per-sample switch). For a switch, the batch is sorted by adapter once per
+forward, before the backbone runs, so every site sees each adapter's rows as one contiguous slice:
+no index lists are rebuilt and no rows are gathered or scattered inside the network.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,9 @@ class Routing:
     enabled: bool = True
     weighted: tuple[tuple[str, float], ...] = ()  # (adapter, weight) summed on every sample
     head: str | None = None  # the adapter whose head runs when not routed per sample
-    segments: tuple[tuple[str | None, torch.Tensor], ...] | None = None  # (adapter, row indices)
+    segments: tuple[tuple[str | None, int, int], ...] | None = None  # (adapter, start, end) of sorted rows
     batch_size: int = 0
+    widths: dict[str | None, int] = field(default_factory=dict)  # output width of each routed head
 
 
 class _Site:
@@ -76,16 +78,19 @@ class LayerSite(_Site):
             return False
         if any(name in self.layers for name, _ in r.weighted):
             return True
-        return r.segments is not None and any(name in self.layers for name, _ in r.segments)
+        return r.segments is not None and any(name in self.layers for name, _, _ in r.segments)
 
     def add_deltas(
         self,
         out: torch.Tensor,
         x: torch.Tensor,
         delta: Callable[[LoRALayer, torch.Tensor], torch.Tensor],
-        batch_dim: int = 0,
     ) -> torch.Tensor:
-        """out + Σ wᵢ·deltaᵢ(x) on every row, plus each routed adapter's delta on its own rows."""
+        """out + Σ wᵢ·deltaᵢ(x) on every row, plus each routed adapter's delta on its own rows (dim 0).
+
+        The sums are taken in place: ``out`` is a fresh output of the base op, which autograd does not
+        keep (linear, conv and embedding backward need their input and weight, not their output).
+        """
         r = self.routing
         if not r.enabled:
             return out
@@ -93,17 +98,17 @@ class LayerSite(_Site):
             layer = self.layers.get(name)
             if layer is not None:
                 d = delta(layer, x)
-                out = out + (d if w == 1.0 else d * w)
+                out = out.add_(d) if w == 1.0 else out.add_(d, alpha=w)
         if r.segments is not None:
-            if x.shape[batch_dim] != r.batch_size:
+            if x.shape[0] != r.batch_size:
                 raise RuntimeError(
-                    f"per-sample routing needs every adapted layer to keep the batch dimension; "
-                    f"{self.path} got {x.shape[batch_dim]} rows for a batch of {r.batch_size}"
+                    f"per-sample routing needs every adapted layer to keep the batch as dimension 0; "
+                    f"{self.path} got {x.shape[0]} rows for a batch of {r.batch_size}"
                 )
-            for name, rows in r.segments:
+            for name, start, end in r.segments:
                 layer = self.layers.get(name) if name is not None else None
                 if layer is not None:
-                    out = out.index_add(batch_dim, rows, delta(layer, x.index_select(batch_dim, rows)))
+                    out[start:end] += delta(layer, x[start:end])
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -264,13 +269,12 @@ def _additive_mask(
 class HeadSite(_Site):
     """A task head trained in full and kept per adapter: the active adapter's copy runs in place of
     the backbone's module. Routed per sample, each group of rows goes through its own adapter's head;
-    heads of different output sizes are zero-padded on the last dimension to the largest, and
-    ``Routing``'s owner trims each sample back (see ``HeadSite.sizes``)."""
+    heads of different output sizes are zero-padded on the last dimension to the largest, and each
+    head's width is left in ``Routing.widths`` for the owner to trim the rows back."""
 
     def __init__(self, module: nn.Module, path: str, routing: Routing) -> None:
         super().__init__(module, path, routing)
         self.heads: dict[str, nn.Module] = {}
-        self.sizes: dict[str | None, int] = {}
 
     def add(self, name: str, head: nn.Module) -> None:
         if not self.heads:
@@ -292,14 +296,10 @@ class HeadSite(_Site):
             return self.base_forward(x, *args, **kwargs)
         if r.segments is None:
             return self._head(r.head)(x, *args, **kwargs)
-        outs = [(rows, self._head(name)(x.index_select(0, rows), *args, **kwargs)) for name, rows in r.segments]
-        self.sizes = {name: y.shape[-1] for (name, _), (_, y) in zip(r.segments, outs)}
-        width = max(y.shape[-1] for _, y in outs)
-        first = outs[0][1]
-        result = first.new_zeros((r.batch_size, *first.shape[1:-1], width))
-        for rows, y in outs:
-            result = result.index_copy(0, rows, F.pad(y, (0, width - y.shape[-1])))
-        return result
+        outs = [self._head(name)(x[start:end], *args, **kwargs) for name, start, end in r.segments]
+        r.widths.update({name: y.shape[-1] for (name, _, _), y in zip(r.segments, outs)})
+        width = max(y.shape[-1] for y in outs)
+        return torch.cat([F.pad(y, (0, width - y.shape[-1])) for y in outs])
 
 
 def plain_copy(module: nn.Module) -> nn.Module:

@@ -1,0 +1,197 @@
+"""Average: combine several adapters into one new adapter, layer by layer, on ΔW = s·B·A.
+
+Every method works on each adapter's full delta (never on A and B separately, whose products would
+carry cross terms BᵢAⱼ). Exact methods (linear, cat) concatenate the factors; svd truncates the exact
+sum from its factors; the dense methods (ties, dare_*, magnitude_prune) build the merged ΔW per layer
+and factorise it back to rank k. A grouped conv is combined group block by group block, so the result
+stays mergeable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..errors import AdapterNotFound, ConfigError, MergeError
+from ..lora import LoRAConfig, LoRALayer, plain_copy
+from ..lora.conv import _LoRAConvNd
+from . import merge
+
+if TYPE_CHECKING:
+    from ..model import Adapter, AdapterModel
+
+EXACT = ("linear", "cat")
+DENSE = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+METHODS = (*EXACT, "svd", *DENSE)
+
+Factors = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def combine(
+    model: AdapterModel,
+    new_name: str,
+    names: Sequence[str],
+    weights: Sequence[float] | None = None,
+    method: str = "linear",
+    *,
+    density: float | None = None,
+    rank: int | None = None,
+    sign: str = "total",
+    seed: int = 0,
+    head: str | None = None,
+) -> Adapter:
+    """Combine adapters ``names`` into the new adapter ``new_name`` (see ``AdapterModel.combine``)."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown combine method {method!r}; choose one of {', '.join(METHODS)}")
+    if not names:
+        raise ConfigError("combine needs at least one adapter")
+    for n in names:
+        if n not in model.adapters:
+            raise AdapterNotFound(f"no adapter named {n!r} (adapters: {', '.join(model.adapters) or 'none'})")
+    if new_name in model.adapters:
+        raise ConfigError(f"an adapter named {new_name!r} already exists (delete_adapter it first)")
+    ws = [1.0 / len(names)] * len(names) if weights is None else [float(w) for w in weights]
+    if len(ws) != len(names):
+        raise ConfigError(f"combine got {len(names)} adapters but {len(ws)} weights")
+    if method in DENSE and density is None:
+        raise ConfigError(f"method {method!r} needs density= (the fraction of each delta to keep)")
+    if rank is not None and (isinstance(rank, bool) or int(rank) < 1):
+        raise ConfigError(f"rank must be a positive integer, got {rank}")
+    adapters = [model.adapters[n] for n in names]
+    generator = torch.Generator().manual_seed(seed)
+
+    layer_maps = [dict(a.layer_items()) for a in adapters]
+    paths = list(dict.fromkeys(p for layers in layer_maps for p in layers))
+    merged: dict[str, dict[str, Factors]] = {}
+    specs: dict[str, dict[str, Any]] = {}
+    reports: dict[str, list[merge.TruncationReport]] = {}
+    for path in paths:
+        present = [(layers[path], w) for layers, w in zip(layer_maps, ws) if path in layers]
+        layers = [layer for layer, _ in present]
+        if len({type(layer) for layer in layers}) > 1:
+            raise ConfigError(f"cannot combine {path}: the adapters use different layer types there")
+        for layer in layers:
+            if (why := layer.merge_blocker()) is not None:
+                raise MergeError(f"cannot combine {path}: {why}")
+        per_param: dict[str, Factors] = {}
+        for param, _ in layers[0].factors().items():
+            blocks_per_adapter = [layer.factors()[param] for layer in layers]
+            out_blocks: Factors = []
+            for j in range(len(blocks_per_adapter[0])):
+                factors = [blocks[j] for blocks in blocks_per_adapter]
+                b, a, report = _combine_block(factors, [w for _, w in present], method, density, rank, sign, generator)
+                out_blocks.append((b, a))
+                if report is not None:
+                    reports.setdefault(path, []).append(report)
+            per_param[param] = out_blocks
+        merged[path] = per_param
+        specs[path] = _spec(layers[0], per_param)
+
+    heads = _combine_heads(adapters, names, ws, head)
+    errors = {p: merge.overall_rel_error(r) for p, r in reports.items()}
+    all_reports = [r for rs in reports.values() for r in rs]
+    config = LoRAConfig(
+        r=max((s["r"] for s in specs.values()), default=1),
+        alpha=max((s["r"] for s in specs.values()), default=1),
+        targets=list(paths),
+        heads=list(heads),
+    )
+    adapter = model.add_adapter(new_name, config, head_modules=heads, layer_specs=specs)
+    for path, layer in adapter.layer_items():
+        layer.set_factors(merged[path])
+    adapter.metadata["recipe"] = {
+        "sources": list(names),
+        "weights": ws,
+        "method": method,
+        "params": {
+            k: v
+            for k, v in {
+                "density": density,
+                "rank": rank,
+                "sign": sign if method in ("ties", "dare_ties") else None,
+                "seed": seed if method.startswith("dare") else None,
+                "head": head,
+            }.items()
+            if v is not None
+        },  # fmt: skip
+        "rel_error": merge.overall_rel_error(all_reports) if all_reports else 0.0,
+        "layer_rel_error": errors,
+    }
+    return adapter
+
+
+def _combine_block(
+    factors: Factors,
+    weights: list[float],
+    method: str,
+    density: float | None,
+    rank: int | None,
+    sign: str,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, merge.TruncationReport | None]:
+    full_rank = sum(a.shape[0] for _, a in factors)
+    k = rank if rank is not None else full_rank
+    if method in EXACT:
+        b, a = merge.linear(factors, weights)
+        return b, a, None
+    if method == "svd":
+        return merge.svd(factors, weights, k)
+    deltas = [b @ a for b, a in factors]
+    if method == "ties":
+        dense = merge.ties(deltas, weights, density, sign)  # type: ignore[arg-type]
+    elif method == "magnitude_prune":
+        dense = merge.magnitude_prune(deltas, weights, density)  # type: ignore[arg-type]
+    elif method == "dare_linear":
+        dense = merge.dare_linear(deltas, weights, density, generator)  # type: ignore[arg-type]
+    else:
+        dense = merge.dare_ties(deltas, weights, density, generator, sign)  # type: ignore[arg-type]
+    return merge.factorize(dense, k)
+
+
+def _spec(layer: LoRALayer, per_param: dict[str, Factors]) -> dict[str, Any]:
+    """Layer geometry for the combined delta: scaling 1 (α = r), rank from the combined factors."""
+    block_rank = next(iter(per_param.values()))[0][1].shape[0]
+    if isinstance(layer, _LoRAConvNd):
+        total = block_rank * layer.groups
+        return {"r": total, "alpha": float(total), "rank": total, "a_groups": layer.groups}
+    return {"r": block_rank, "alpha": float(block_rank)}
+
+
+def _combine_heads(
+    adapters: list[Adapter], names: Sequence[str], ws: list[float], head: str | None
+) -> dict[str, nn.Module]:
+    """Heads of the new adapter: ``head=""`` none, ``head=name`` that adapter's, otherwise the weighted
+    average Σwᵢθᵢ/Σwᵢ of the sources' heads at each path (their shapes must agree)."""
+    if head == "":
+        return {}
+    if head is not None:
+        if head not in names:
+            raise ConfigError(f"head {head!r} is not one of the combined adapters {list(names)}")
+        return {p: plain_copy(h) for p, h in adapters[list(names).index(head)].head_items()}
+    out: dict[str, nn.Module] = {}
+    head_maps = [dict(a.head_items()) for a in adapters]
+    for path in dict.fromkeys(p for heads in head_maps for p in heads):
+        sources = [(n, heads[path], w) for n, heads, w in zip(names, head_maps, ws) if path in heads]
+        shapes = {n: {k: tuple(t.shape) for k, t in h.state_dict().items()} for n, h, _ in sources}
+        first = next(iter(shapes.values()))
+        for n, shape in shapes.items():
+            if shape != first:
+                key = next(k for k in first if first[k] != shape.get(k))
+                raise ConfigError(
+                    f"the heads at {path} differ: {sources[0][0]} has {key} {first[key]}, "
+                    f"{n} has {key} {shape.get(key)}; choose one with head='<adapter>' (or head='' for none)"
+                )
+        total = sum(w for _, _, w in sources)
+        if abs(total) < 1e-12:
+            raise ConfigError(f"the weights of the heads at {path} sum to 0; choose one with head='<adapter>'")
+        new = plain_copy(sources[0][1])
+        state = new.state_dict()
+        with torch.no_grad():
+            for key, t in state.items():
+                if t.is_floating_point():
+                    t.copy_(sum(w * h.state_dict()[key] for _, h, w in sources) / total)
+        out[path] = new
+    return out

@@ -1,0 +1,368 @@
+"""Stack, Switch, merge and combine against independent references: dense W + Σwᵢ·ΔWᵢ computed here
+from the saved factors, a per-sample loop, and gradients of separate per-adapter passes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from adapter_hub import AdapterModel, LoRAConfig, Stack, Switch
+from adapter_hub.compose import RoutedOutput
+from adapter_hub.errors import ConfigError
+
+
+def resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+def vit() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(16, 4, 2, 2, 16, 32, num_classes=5).eval()
+
+
+TARGETS = ["conv1", "layer*.conv*", "layer*.downsample.0", "fc"]
+G = torch.Generator().manual_seed(11)
+X = torch.randn(6, 3, 32, 32, generator=G)
+XV = torch.randn(6, 3, 16, 16, generator=G)
+
+
+def add(model: AdapterModel, name: str, cfg: LoRAConfig, seed: int, head: nn.Module | None = None) -> None:
+    heads = {cfg.heads[0]: head} if head is not None else None
+    model.add_adapter(name, cfg, head_modules=heads)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.adapters[name].parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.03)
+
+
+def dense_delta(layer, param: str = "weight") -> torch.Tensor:
+    """ΔW from the layer's A and B tensors, written out here (groups = 1)."""
+    if param == "in_proj_weight":
+        return layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
+    if param == "out_proj.weight":
+        return dense_delta(layer.out_proj)
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    w = layer.scaling * b.flatten(1) @ a.flatten(1)
+    return w.reshape(b.shape[0], *a.shape[1:])
+
+
+def reference_backbone(model: AdapterModel, weighted: list[tuple[str, float]]) -> nn.Module:
+    """A plain copy of the backbone whose weights are W + Σ wᵢ·ΔWᵢ."""
+    ref = copy.deepcopy(model.backbone)
+    for m in ref.modules():
+        m.__dict__.pop("forward", None)
+    with torch.no_grad():
+        for name, w in weighted:
+            for path, layer in model.adapters[name].layer_items():
+                params = ["in_proj_weight", "out_proj.weight"] if hasattr(layer, "in_delta") else ["weight"]
+                for param in params:
+                    ref.get_submodule(path).get_parameter(param).add_(w * dense_delta(layer, param))
+    return ref
+
+
+@pytest.mark.parametrize("kind", ["resnet18", "vit"])
+def test_stack_equals_dense_sum_with_negative_weights(kind):
+    bb, x = (resnet(), X) if kind == "resnet18" else (vit(), XV)
+    targets = TARGETS if kind == "resnet18" else ["*.self_attention", "*.mlp.0", "*.mlp.3", "conv_proj"]
+    model = AdapterModel(bb)
+    add(model, "a", LoRAConfig(r=4, targets=targets), 1)
+    add(model, "b", LoRAConfig(r=2, alpha=6, targets=targets[:2]), 2)
+    weighted = [("a", 1.0), ("b", -0.5)]
+    model.activate(Stack("a", "b", weights=[1.0, -0.5]))
+    got = model(x)
+    torch.testing.assert_close(got, reference_backbone(model, weighted)(x), rtol=1e-4, atol=1e-4)
+    original = copy.deepcopy(bb.state_dict())
+    model.merge(Stack("a", "b", weights=[1.0, -0.5]))
+    torch.testing.assert_close(model(x), got, rtol=1e-4, atol=1e-4)
+    model.unmerge()
+    assert all(torch.equal(original[k], v) for k, v in bb.state_dict().items())
+    torch.testing.assert_close(model(x), got, rtol=0, atol=0)
+
+
+def test_stack_uses_the_named_head():
+    model = AdapterModel(resnet())
+    cfg = LoRAConfig(r=2, targets=["layer4.*.conv*"], heads=["fc"])
+    add(model, "a", cfg, 1)
+    add(model, "b", cfg, 2)
+    model.activate(Stack("a", "b", head="b"))
+    with_b = model(X)
+    model.activate(Stack("a", "b", head=""))
+    bare_head = model(X)
+    model.activate(Stack("a", "b"))  # default: the first adapter that has a head
+    with_a = model(X)
+    assert not torch.allclose(with_a, with_b) and not torch.allclose(with_b, bare_head)
+    with pytest.raises(ConfigError, match="not one of the stacked"):
+        Stack("a", "b", head="c")
+
+
+def test_switching_is_a_pointer_change():
+    model = AdapterModel(resnet())
+    add(model, "a", LoRAConfig(r=2, targets=["layer1.*.conv*"]), 1)
+    add(model, "b", LoRAConfig(r=2, targets=["layer1.*.conv*"]), 2)
+    before = {k: (v.data_ptr(), v.clone()) for k, v in model.backbone.state_dict().items()}
+    for name in ["a", "b", "a"]:
+        model.activate(name)
+        model(X[:1])
+    after = model.backbone.state_dict()
+    assert all(after[k].data_ptr() == ptr and torch.equal(after[k], v) for k, (ptr, v) in before.items())
+
+
+# --- switch ----------------------------------------------------------------------------------------
+
+
+def switch_model() -> AdapterModel:
+    model = AdapterModel(resnet())
+    cfg = LoRAConfig(r=4, targets=["conv1", "layer*.conv*"], heads=["fc"])
+    add(model, "digits", cfg, 1)
+    add(model, "parity", cfg, 2, head=nn.Linear(512, 2))
+    add(model, "rotated", cfg, 3)
+    return model
+
+
+def test_switch_per_sample_equals_one_sample_at_a_time():
+    model = switch_model()
+    route = ["parity", "digits", None, "rotated", "parity", "digits"]
+    model.activate(Switch("digits", "parity", "rotated"))
+    out = model(X, route=route)
+    assert isinstance(out, RoutedOutput) and len(out) == 6
+    for i, name in enumerate(route):
+        if name is None:
+            with model.disable_adapters():
+                alone = model(X[i : i + 1])[0]
+        else:
+            model.activate(name)
+            alone = model(X[i : i + 1])[0]
+        torch.testing.assert_close(out[i], alone, rtol=1e-5, atol=1e-5)
+        assert out[i].shape == ((2,) if name == "parity" else (10,))
+    assert out.widths == {"digits": 10, "parity": 2, "rotated": 10, None: 10}
+    assert torch.equal(out.rows["parity"], torch.tensor([0, 4]))
+    torch.testing.assert_close(out.by_adapter["parity"], torch.stack([out[0], out[4]]))
+    assert out.padded.shape == (6, 10) and torch.equal(out.padded[0, 2:], torch.zeros(8))
+    with pytest.raises(ConfigError, match="differ in width"):
+        out.stack()
+
+
+def test_switch_on_vision_transformer_attention():
+    model = AdapterModel(vit())
+    cfg = LoRAConfig(r=4, targets=["*.self_attention", "*.mlp.0"], heads=["heads.head"])
+    add(model, "a", cfg, 1)
+    add(model, "b", cfg, 2, head=nn.Linear(16, 3))
+    route = ["b", "a", "a", "b", None, "b"]
+    model.activate(Switch("a", "b"))
+    out = model(XV, route=route)
+    for i, name in enumerate(route):
+        model.activate(name)
+        alone = model(XV[i : i + 1])[0]
+        torch.testing.assert_close(out[i], alone, rtol=1e-5, atol=1e-5)
+        model.activate(Switch("a", "b"))
+
+
+def test_switch_training_step_updates_each_adapter_from_its_own_samples():
+    model = switch_model()
+    model.train()
+    route = ["parity", "digits", "digits", "parity", "digits", "parity"]
+    labels = {"digits": torch.tensor([3, 7, 1]), "parity": torch.tensor([1, 0, 1])}
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    model.activate(Switch("digits", "parity", "rotated"))
+    for p in model.adapters.parameters():
+        p.requires_grad_(True)
+    out = model(X, route=route)
+    loss = sum(loss_fn(out.by_adapter[n], labels[n]) for n in ("digits", "parity"))
+    loss.backward()
+    mixed = {n: p.grad.clone() for n, p in model.adapters.named_parameters() if p.grad is not None}
+    assert not any(n.startswith("rotated.") for n in mixed), "an adapter with no samples gets no gradient"
+    model.zero_grad(set_to_none=True)
+
+    # reference: each adapter alone on its own samples, in a separate pass
+    for name in ("digits", "parity"):
+        rows = [i for i, r in enumerate(route) if r == name]
+        model.activate(name)
+        loss_fn(model(X[rows]), labels[name]).backward()
+    separate = {n: p.grad for n, p in model.adapters.named_parameters() if p.grad is not None}
+    assert mixed.keys() == separate.keys()
+    for n in mixed:
+        torch.testing.assert_close(mixed[n], separate[n], rtol=1e-4, atol=1e-5)
+
+
+def test_bad_routes_fail_before_any_compute():
+    model = switch_model()
+    calls = []
+    model.backbone.register_forward_pre_hook(lambda *_: calls.append(1))
+    model.activate(Switch("digits", "parity"))
+    with pytest.raises(ConfigError, match=r"route has 2 entries for a batch of 6"):
+        model(X, route=["digits", "parity"])
+    with pytest.raises(ConfigError, match=r"\['rotated'\] which are not in the active Switch"):
+        model(X, route=["digits"] * 5 + ["rotated"])
+    with pytest.raises(ConfigError, match="pass route="):
+        model(X)
+    model.activate("digits")
+    with pytest.raises(ConfigError, match="needs an active Switch"):
+        model(X, route=["digits"] * 6)
+    assert not calls
+
+
+# --- combine ---------------------------------------------------------------------------------------
+
+
+def combine_model() -> AdapterModel:
+    model = AdapterModel(resnet())
+    add(model, "a", LoRAConfig(r=4, targets=["layer3.*.conv*", "fc"]), 1)
+    add(model, "b", LoRAConfig(r=2, alpha=4, targets=["layer3.*.conv*", "layer4.0.conv1"]), 2)
+    add(model, "c", LoRAConfig(r=3, targets=["layer3.*.conv*"], use_rslora=True), 3)
+    return model
+
+
+def sources(model: AdapterModel, names, weights, path):
+    out = []
+    for n, w in zip(names, weights):
+        layers = dict(model.adapters[n].layer_items())
+        if path in layers:
+            out.append((dense_delta(layers[path]).double(), w))
+    return out
+
+
+@pytest.mark.parametrize("method", ["linear", "cat"])
+def test_linear_and_cat_are_the_exact_weighted_sum(method):
+    model = combine_model()
+    names, weights = ["a", "b", "c"], [0.7, -1.2, 0.4]
+    new = model.combine("abc", names, weights, method=method)
+    for path, layer in new.layer_items():
+        expected = sum(w * d for d, w in sources(model, names, weights, path))
+        torch.testing.assert_close(layer.delta_weight().double(), expected, rtol=1e-5, atol=1e-6)
+    assert new.metadata["recipe"]["method"] == method and new.metadata["recipe"]["rel_error"] == 0.0
+    model.activate("abc")
+    combined = model(X)
+    model.activate(Stack(*names, weights=weights))
+    torch.testing.assert_close(combined, model(X), rtol=1e-4, atol=1e-4)
+
+
+def test_svd_is_the_best_rank_k_approximation():
+    model = combine_model()
+    names, weights = ["a", "b", "c"], [0.5, 0.3, 0.2]
+    new = model.combine("svd", names, weights, method="svd", rank=3)
+    tails, norms = [], []
+    for path, layer in new.layer_items():
+        dense = sum(w * d for d, w in sources(model, names, weights, path))
+        flat = dense.flatten(1)
+        s = torch.linalg.svdvals(flat)
+        got = layer.delta_weight().double().flatten(1)
+        torch.testing.assert_close(torch.linalg.svdvals(got)[:3], s[:3], rtol=1e-4, atol=1e-6)
+        err = torch.linalg.norm(flat - got) / torch.linalg.norm(flat)
+        tail = s[3:].square().sum().sqrt() / s.square().sum().sqrt()
+        torch.testing.assert_close(err, tail, rtol=1e-3, atol=1e-6)
+        assert new.metadata["recipe"]["layer_rel_error"][path] == pytest.approx(tail.item(), rel=1e-3, abs=1e-6)
+        tails.append(s[3:].square().sum())
+        norms.append(s.square().sum())
+    overall = (sum(tails) / sum(norms)).sqrt().item()
+    assert new.metadata["recipe"]["rel_error"] == pytest.approx(overall, rel=1e-3)
+
+
+def reference_ties(deltas, weights, density, sign):
+    """TIES (Yadav et al. 2023), written from the paper: trim to the top-density magnitudes, weight,
+    elect a sign per entry, mean over the agreeing entries."""
+    trimmed = []
+    for d in deltas:
+        k = max(1, int(density * d.numel() + 0.5))
+        threshold = d.abs().flatten().kthvalue(d.numel() - k + 1).values
+        trimmed.append(torch.where(d.abs() >= threshold, d, torch.zeros_like(d)))
+    tau = torch.stack([w * t for t, w in zip(trimmed, weights)])
+    if sign == "total":
+        elected = torch.where(tau.sum(0) >= 0, 1.0, -1.0)
+    else:
+        elected = torch.where((tau > 0).sum(0) - (tau < 0).sum(0) >= 0, 1.0, -1.0)
+    agree = (torch.sign(tau) == elected) & (tau != 0)
+    return (tau * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+@pytest.mark.parametrize("sign", ["total", "frequency"])
+def test_ties_matches_the_paper(sign):
+    model = combine_model()
+    names, weights = ["a", "b", "c"], [1.0, 0.8, 1.1]
+    new = model.combine("t", names, weights, method="ties", density=0.3, sign=sign, rank=512)
+    for path, layer in new.layer_items():
+        srcs = sources(model, names, weights, path)
+        expected = reference_ties([d for d, _ in srcs], [w for _, w in srcs], 0.3, sign)
+        torch.testing.assert_close(layer.delta_weight().double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_magnitude_prune_matches_definition():
+    model = combine_model()
+    names, weights = ["a", "b"], [1.0, -0.5]
+    new = model.combine("m", names, weights, method="magnitude_prune", density=0.2, rank=512)
+    for path, layer in new.layer_items():
+        expected = 0
+        for d, w in sources(model, names, weights, path):
+            k = max(1, int(0.2 * d.numel() + 0.5))
+            threshold = d.abs().flatten().kthvalue(d.numel() - k + 1).values
+            expected = expected + w * torch.where(d.abs() >= threshold, d, torch.zeros_like(d))
+        torch.testing.assert_close(layer.delta_weight().double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_dare_is_seeded_and_keeps_the_expected_fraction():
+    model = combine_model()
+    one = model.combine("d1", ["a"], [1.0], method="dare_linear", density=0.3, seed=5, rank=512)
+    two = model.combine("d2", ["a"], [1.0], method="dare_linear", density=0.3, seed=5, rank=512)
+    three = model.combine("d3", ["a"], [1.0], method="dare_linear", density=0.3, seed=6, rank=512)
+    layer = "layer3.0.conv1"
+    d1, d2, d3 = (dict(x.layer_items())[layer].delta_weight().double() for x in (one, two, three))
+    torch.testing.assert_close(d1, d2, rtol=0, atol=1e-9)
+    assert not torch.allclose(d1, d3)
+    source = dense_delta(dict(model.adapters["a"].layer_items())[layer]).double()
+    # each entry is either dropped (0) or kept and rescaled (ΔW/0.3); the float32 factorisation leaves
+    # a little noise, so classify by which of the two it is nearer, where the two are far apart
+    clear = source.abs() > 1e-3 * source.abs().max()
+    kept = (d1 - source / 0.3).abs() < d1.abs()
+    n = int(clear.sum())
+    rate = kept[clear].double().mean().item()
+    assert abs(rate - 0.3) < 4 * (0.3 * 0.7 / n) ** 0.5, f"keep rate {rate}"
+    torch.testing.assert_close(d1[kept & clear], source[kept & clear] / 0.3, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(d1[~kept & clear], torch.zeros_like(d1[~kept & clear]), rtol=0, atol=1e-5)
+    assert one.metadata["recipe"]["params"] == {"density": 0.3, "rank": 512, "seed": 5}
+
+
+def test_heads_are_averaged_or_chosen():
+    model = AdapterModel(resnet())
+    cfg = LoRAConfig(r=2, targets=["layer4.*.conv*"], heads=["fc"])
+    add(model, "a", cfg, 1)
+    add(model, "b", cfg, 2)
+    add(model, "p", cfg, 3, head=nn.Linear(512, 2))
+    new = model.combine("ab", ["a", "b"], [3.0, 1.0])
+    fa, fb = (dict(model.adapters[n].head_items())["fc"] for n in "ab")
+    head = dict(new.head_items())["fc"]
+    torch.testing.assert_close(head.weight, (3 * fa.weight + fb.weight) / 4)
+    with pytest.raises(ConfigError, match=r"the heads at fc differ: a has weight \(10, 512\), p has weight \(2, 512\)"):
+        model.combine("ap", ["a", "p"])
+    assert "ap" not in model.adapters
+    chosen = model.combine("ap", ["a", "p"], head="p")
+    assert dict(chosen.head_items())["fc"].weight.shape == (2, 512)
+
+
+def test_combined_adapter_saves_and_reloads(tmp_path):
+    model = combine_model()
+    model.combine("s", ["a", "b", "c"], method="svd", rank=2)
+    model.activate("s")
+    y = model(X)
+    model.save_adapter("s", tmp_path / "s.safetensors")
+    other = AdapterModel(resnet())
+    other.load_adapter("s", tmp_path / "s.safetensors")
+    other.activate("s")
+    assert torch.equal(other(X), y)
+    assert other.adapters["s"].metadata["recipe"]["sources"] == ["a", "b", "c"]
+
+
+def test_bad_combine_arguments():
+    model = combine_model()
+    with pytest.raises(ConfigError, match="unknown combine method 'mean'"):
+        model.combine("x", ["a", "b"], method="mean")
+    with pytest.raises(ConfigError, match="needs density"):
+        model.combine("x", ["a", "b"], method="ties")
+    with pytest.raises(ConfigError, match="2 adapters but 3 weights"):
+        model.combine("x", ["a", "b"], [1, 2, 3])
+    with pytest.raises(ConfigError, match="rank must be a positive integer"):
+        model.combine("x", ["a", "b"], method="svd", rank=0)
+    assert "x" not in model.adapters
