@@ -83,6 +83,7 @@ class AdapterModel(nn.Module):
         self._active: str | Stack | Switch | None = None
         self._merged: tuple[tuple[str, float], ...] | None = None
         self._fingerprint = compute_fingerprint(backbone)
+        self.train(backbone.training)  # batch-norm statistics are frozen from the start
 
     # --- identity ------------------------------------------------------------------------------
     @property

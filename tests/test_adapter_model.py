@@ -107,11 +107,12 @@ def test_activate_trains_only_that_adapter_and_gradients_reach_only_it(x):
 
 
 def test_batchnorm_statistics_of_the_backbone_do_not_move_in_training(x):
-    bb = resnet()
+    bb = resnet().train()  # wrapped while in training mode, and never .train()-ed again
     before = {k: v.clone() for k, v in bb.state_dict().items()}
     model = AdapterModel(bb)
     model.add_adapter("a", LoRAConfig(targets=["layer*.conv*"], heads=["fc"]))
     model.activate("a")
+    model(x).sum().backward()
     model.train()
     model(x).sum().backward()
     assert all(torch.equal(before[k], v) for k, v in bb.state_dict().items())

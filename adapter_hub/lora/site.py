@@ -61,14 +61,17 @@ class LayerSite(_Site):
         super().__init__(module, path, routing)
         self.layers: dict[str, LoRALayer] = {}
         self._saved: dict[str, torch.Tensor] = {}
+        self._cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
 
     def add(self, name: str, layer: LoRALayer) -> None:
         if not self.layers:
             self.attach()
         self.layers[name] = layer
+        self._cache.clear()
 
     def remove(self, name: str) -> None:
         self.layers.pop(name, None)
+        self._cache.clear()  # a later tensor may reuse a freed one's id
         if not self.layers:
             self.detach()
 
@@ -112,8 +115,104 @@ class LayerSite(_Site):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_forward(x)
-        return self.add_deltas(out, x, _call_layer)
+        if not self.active():
+            return self.base_forward(x)
+        m = self.module
+        if isinstance(m, nn.Linear) and self._fusable():
+            return self.project(x, m.weight, m.bias, F.linear, _linear_part, "weight")
+        if isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1 and x.dim() == m.weight.dim() and self._fusable():
+            return self.project(x, m.weight, m.bias, m._conv_forward, _linear_part, "weight")
+        return self.add_deltas(self.base_forward(x), x, _call_layer)
+
+    # --- fast path -----------------------------------------------------------------------------
+    def _fusable(self) -> bool:
+        """Whether the active deltas can run as plain A/B products (no dropout on their input)."""
+        r = self.routing
+        names = [n for n, _ in r.weighted] + ([n for n, _, _ in r.segments] if r.segments else [])
+        return all(
+            isinstance(layer.dropout, nn.Identity) or not layer.training
+            for n in names
+            if n is not None and (layer := self.layers.get(n)) is not None
+        )
+
+    def project(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        op: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+        part: Callable[[LoRALayer], Part],
+        slot: str,
+    ) -> torch.Tensor:
+        """``op(x, W, b)`` (a linear map or a conv) plus the active deltas s·B·(A ⋆ x), fast.
+
+        Single adapter or stack: one call of ``op`` with the A's stacked under W, ``[W; A₁; …]``,
+        computes the base output and every A ⋆ x in one pass over x; each B is then applied with one
+        fused multiply-add (``addmm``/``baddbmm``) that also scales and sums. The stacked weight is
+        cached until W or an A changes. Per-sample routing: ``op`` on the whole batch, then each
+        adapter's A ⋆ x on its own contiguous rows, added in place by the same fused multiply-add.
+        """
+        r = self.routing
+        if r.segments is None:
+            active = [(part(self.layers[n]), w) for n, w in r.weighted if n in self.layers]
+            w_all, b_all = self._stacked(slot, weight, bias, [p[0] for p, _ in active])
+            y = op(x, w_all, b_all)
+            out_features, offset = weight.shape[0], weight.shape[0]
+            flat = y.flatten(2) if y.dim() > 2 and op is not F.linear else y.reshape(-1, y.shape[-1])
+            result = flat[:, :out_features]
+            for (a_w, b_w, scale), w in active:
+                k = a_w.shape[0]
+                a = flat[:, offset : offset + k]
+                offset += k
+                if op is F.linear:
+                    result = torch.addmm(result, a, b_w.t(), alpha=w * scale)
+                else:
+                    result = torch.baddbmm(result, b_w.expand(a.shape[0], *b_w.shape), a, alpha=w * scale)
+            return (
+                result.reshape(*y.shape[:-1], out_features)
+                if op is F.linear
+                else result.view(y.shape[0], out_features, *y.shape[2:])
+            )
+        out = op(x, weight, bias)
+        if x.shape[0] != r.batch_size:
+            raise RuntimeError(
+                f"per-sample routing needs every adapted layer to keep the batch as dimension 0; "
+                f"{self.path} got {x.shape[0]} rows for a batch of {r.batch_size}"
+            )
+        for name, start, end in r.segments:
+            layer = self.layers.get(name) if name is not None else None
+            if layer is None:
+                continue
+            a_w, b_w, scale = part(layer)
+            a = op(x[start:end], a_w, None)
+            rows = out[start:end]
+            if op is F.linear:
+                rows.view(-1, rows.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]), b_w.t(), alpha=scale)
+            else:
+                rows.flatten(2).baddbmm_(b_w.expand(a.shape[0], *b_w.shape), a.flatten(2), alpha=scale)
+        return out
+
+    def _stacked(
+        self, slot: str, weight: torch.Tensor, bias: torch.Tensor | None, a_weights: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[W; A₁; …] and [b; 0; …], cached while none of them changes (never across autograd graphs)."""
+        if not a_weights:
+            return weight, bias
+        tensors = [weight, *a_weights, *([bias] if bias is not None else [])]
+        # inference tensors (made under torch.inference_mode) keep no version counter: never cached
+        cacheable = not any(t.is_inference() for t in tensors) and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        )
+        stamp = tuple((id(t), t._version) for t in tensors) if cacheable else None
+        cached = self._cache.get(slot)
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            return cached[1], cached[2]
+        w_all = torch.cat([weight, *a_weights])
+        extra = sum(a.shape[0] for a in a_weights)
+        b_all = torch.cat([bias, bias.new_zeros(extra)]) if bias is not None else None
+        if stamp is not None:
+            self._cache[slot] = (stamp, w_all, b_all)  # one entry per slot: memory stays ≤ one copy
+        return w_all, b_all
 
     # --- merge ---------------------------------------------------------------------------------
     def merge_blocker(self, weighted: Iterable[tuple[str, float]]) -> str | None:
@@ -149,6 +248,20 @@ def _call_layer(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
+# (A weight, B as a matrix (out, k), scaling) of one delta, for the fast path
+Part = tuple[torch.Tensor, torch.Tensor, float]
+
+
+def _linear_part(layer: LoRALayer) -> Part:
+    b = layer.lora_B.weight
+    return layer.lora_A.weight, b.reshape(b.shape[0], b.shape[1]), layer.scaling
+
+
+def _out_proj_part(layer: LoRALayer) -> Part:
+    assert isinstance(layer, LoRAMultiheadAttention)
+    return _linear_part(layer.out_proj)
+
+
 class AttentionSite(LayerSite):
     """nn.MultiheadAttention with deltas on in_proj and out_proj, computed in activation space so
     that stacks and per-sample routing work like for any other layer (no merge around the forward)."""
@@ -182,9 +295,12 @@ class AttentionSite(LayerSite):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         n, length, e = query.shape
         w_in, b_in = mha.in_proj_weight, mha.in_proj_bias
+        fast = self._fusable()
         if self_attention:
-            qkv = F.linear(query, w_in, b_in)
-            qkv = self.add_deltas(qkv, query, _in_delta)
+            if fast:
+                qkv = self.project(query, w_in, b_in, F.linear, _linear_part, "in_proj")
+            else:
+                qkv = self.add_deltas(F.linear(query, w_in, b_in), query, _in_delta)
             q, k, v = qkv.chunk(3, dim=-1)
         else:
             parts = []
@@ -213,8 +329,11 @@ class AttentionSite(LayerSite):
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal and mask is None
             )
         attn = attn.transpose(1, 2).reshape(n, length, e)
-        out = F.linear(attn, mha.out_proj.weight, mha.out_proj.bias)
-        out = self.add_deltas(out, attn, _out_delta)
+        w_out, b_out = mha.out_proj.weight, mha.out_proj.bias
+        if fast:
+            out = self.project(attn, w_out, b_out, F.linear, _out_proj_part, "out_proj")
+        else:
+            out = self.add_deltas(F.linear(attn, w_out, b_out), attn, _out_delta)
         if unbatched:
             out = out.squeeze(0)
             weights = weights.squeeze(0) if weights is not None else None
