@@ -383,16 +383,15 @@ class Hub:
         """The version, all its ancestors and all its descendants, with the edges between them."""
         with self._session() as s:
             root = q.resolve_row(s, parse_ref(ref), include_deleted=True)
-            edges = q.lineage_edges(s, root.id)
-            ids = {root.id} | {e.child_id for e in edges} | {e.parent_id for e in edges}
-            records = {v.ref: v for v in q.version_records(s, sorted(ids))}
-            refs = {r.id: r.ref for r in q.ref_rows(s, ids)}
+            ids = sorted(q.lineage_ids(s, root.id))
+            records = q.version_records(s, ids)
+            refs = {i: v.ref for i, v in zip(ids, records)}
             return Lineage(
                 root=refs[root.id],
-                versions=records,
+                versions={v.ref: v for v in records},
                 edges=[
                     Edge(refs[e.child_id], refs[e.parent_id], e.relation, e.weight, e.method, e.params)
-                    for e in sorted(edges, key=lambda e: e.id)
+                    for e in q.lineage_edges(s, set(ids))
                 ],
             )
 

@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, literal, select
 from sqlalchemy.orm import Session
 
 from .errors import NotFound
@@ -188,18 +188,20 @@ def version_records(s: Session, ids: Sequence[int]) -> list[Version]:
 
 def adapter_summaries(s: Session, task: str | None, name: str | None = None) -> list[AdapterSummary]:
     ready = VersionRow.status == "ready"
+    stats_query = select(
+        VersionRow.adapter_id.label("adapter_id"),
+        func.count(case((ready, VersionRow.id))).label("live"),
+        func.max(case((ready, VersionRow.number))).label("latest"),
+        func.max(VersionRow.created_at).label("updated"),
+    ).group_by(VersionRow.adapter_id)
+    if task is not None:
+        wanted = select(AdapterRow.id).join(TaskRow, AdapterRow.task_id == TaskRow.id).where(TaskRow.name == task)
+        stats_query = stats_query.where(VersionRow.adapter_id.in_(wanted))
+    stats = stats_query.subquery()
     stmt = (
-        select(
-            AdapterRow.id,
-            TaskRow.name,
-            AdapterRow.name,
-            func.count(case((ready, VersionRow.id))),
-            func.max(case((ready, VersionRow.number))),
-            func.max(VersionRow.created_at),
-        )
+        select(AdapterRow.id, TaskRow.name, AdapterRow.name, stats.c.live, stats.c.latest, stats.c.updated)
         .join(TaskRow, AdapterRow.task_id == TaskRow.id)
-        .outerjoin(VersionRow, VersionRow.adapter_id == AdapterRow.id)
-        .group_by(AdapterRow.id, TaskRow.name, AdapterRow.name)
+        .outerjoin(stats, stats.c.adapter_id == AdapterRow.id)
         .order_by(TaskRow.name, AdapterRow.name)
     )
     if task is not None:
@@ -218,33 +220,30 @@ def adapter_summaries(s: Session, task: str | None, name: str | None = None) -> 
     for adapter_id, alias, number in s.execute(alias_stmt):
         aliases[adapter_id][alias] = number
     return [
-        AdapterSummary(t, a, int(count), latest, dict(sorted(aliases[aid].items())), aware(updated))
+        AdapterSummary(t, a, int(count or 0), latest, dict(sorted(aliases[aid].items())), aware(updated))
         for aid, t, a, count, latest, updated in rows
     ]
 
 
-def lineage_edges(s: Session, root_id: int) -> list[EdgeRow]:
-    """Edges on any path into (ancestors) or out of (descendants) the root, found level by level."""
-    found: dict[int, EdgeRow] = {}
+def lineage_ids(s: Session, root_id: int) -> set[int]:
+    """The root, its ancestors and its descendants: two recursive queries, however deep the graph."""
+    ids = {root_id}
     for up in (True, False):
-        seen, frontier = {root_id}, {root_id}
-        while frontier:
-            col = EdgeRow.child_id if up else EdgeRow.parent_id
-            nxt: set[int] = set()
-            for chunk in _chunks(sorted(frontier)):
-                for edge in s.scalars(select(EdgeRow).where(col.in_(chunk))):
-                    found[edge.id] = edge
-                    other = edge.parent_id if up else edge.child_id
-                    if other not in seen:
-                        seen.add(other)
-                        nxt.add(other)
-            frontier = nxt
-    # and the edges between any two versions of the graph (a descendant also made from an ancestor)
-    ids = sorted({root_id} | {e.child_id for e in found.values()} | {e.parent_id for e in found.values()})
-    for chunk in _chunks(ids):
-        for edge in s.scalars(select(EdgeRow).where(EdgeRow.child_id.in_(chunk), EdgeRow.parent_id.in_(ids))):
-            found[edge.id] = edge
-    return list(found.values())
+        src, dst = (EdgeRow.child_id, EdgeRow.parent_id) if up else (EdgeRow.parent_id, EdgeRow.child_id)
+        reach = select(literal(root_id).label("id")).cte("reach", recursive=True)
+        reach = reach.union(select(dst.label("id")).join(reach, src == reach.c.id))
+        ids.update(s.scalars(select(reach.c.id)))
+    return ids
+
+
+def lineage_edges(s: Session, ids: set[int]) -> list[EdgeRow]:
+    """Every edge between two of these versions."""
+    ordered = sorted(ids)
+    found: list[EdgeRow] = []
+    for chunk in _chunks(ordered):
+        stmt = select(EdgeRow).where(EdgeRow.child_id.in_(chunk), EdgeRow.parent_id.in_(ordered))
+        found.extend(s.scalars(stmt))
+    return sorted(found, key=lambda e: e.id)
 
 
 def metric_record(row: MetricRow, ref: str) -> MetricRecord:
