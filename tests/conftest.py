@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,7 +74,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("pg_url")
 
 
-def tiny_backbone(num_classes: int = 10):  # noqa: ANN201 - an nn.Module; torch imported lazily
+def tiny_backbone(num_classes: int = 10) -> Any:
     """A small conv net: conv → relu → pool → flatten → linear. Seed torch first for a fixed fingerprint."""
     from torch import nn
 
@@ -86,7 +87,7 @@ def tiny_backbone(num_classes: int = 10):  # noqa: ANN201 - an nn.Module; torch 
     )
 
 
-def seeded_backbone(seed: int = 0):  # noqa: ANN201
+def seeded_backbone(seed: int = 0) -> Any:
     import torch
 
     with torch.random.fork_rng(devices=[]):
