@@ -366,3 +366,50 @@ def test_bad_combine_arguments():
     with pytest.raises(ConfigError, match="rank must be a positive integer"):
         model.combine("x", ["a", "b"], method="svd", rank=0)
     assert "x" not in model.adapters
+
+
+class OddConvs(nn.Module):
+    """Convs on the generic (non-fused) path: grouped, depthwise, dilated, circular; an embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grouped = nn.Conv2d(4, 8, 3, padding=2, dilation=2, groups=2, padding_mode="circular")
+        self.depthwise = nn.Conv2d(8, 8, 3, padding="same", groups=8, padding_mode="reflect")
+        self.conv3d = nn.Conv3d(8, 4, (1, 1, 3), padding=(0, 0, 1))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.depthwise(torch.relu(self.grouped(x))))
+        return self.fc(self.conv3d(h.unsqueeze(-1)).mean((2, 3, 4)))
+
+
+def test_stack_and_switch_on_grouped_dilated_and_3d_convs():
+    torch.manual_seed(0)
+    model = AdapterModel(OddConvs().eval())
+    cfg = LoRAConfig(r=4, targets=["grouped", "depthwise", "conv3d"])
+    add(model, "a", cfg, 1)
+    add(model, "b", cfg, 2)
+    x = torch.randn(5, 4, 7, 7, generator=torch.Generator().manual_seed(3))
+    model.activate(Stack("a", "b", weights=[0.5, 2.0]))
+    stacked = model(x)
+    ref = copy.deepcopy(model.backbone)
+    for m in ref.modules():
+        m.__dict__.pop("forward", None)
+    with torch.no_grad():
+        for name, w in [("a", 0.5), ("b", 2.0)]:
+            for path, layer in model.adapters[name].layer_items():
+                g = ref.get_submodule(path).groups
+                a, b = layer.lora_A.weight, layer.lora_B.weight.flatten(1)
+                rg, og = a.shape[0] // g, b.shape[0] // g
+                blocks = [b[j * og : (j + 1) * og] @ a[j * rg : (j + 1) * rg].flatten(1) for j in range(g)]
+                delta = torch.cat(blocks).reshape(ref.get_submodule(path).weight.shape) * layer.scaling
+                ref.get_submodule(path).weight.add_(w * delta)
+    torch.testing.assert_close(stacked, ref(x), rtol=1e-5, atol=1e-5)
+
+    model.activate(Switch("a", "b"))
+    route = ["b", "a", None, "b", "a"]
+    out = model(x, route=route)
+    for i, name in enumerate(route):
+        model.activate(name)
+        torch.testing.assert_close(out[i], model(x[i : i + 1])[0], rtol=1e-5, atol=1e-5)
+        model.activate(Switch("a", "b"))
