@@ -82,6 +82,8 @@ class AdapterModel(nn.Module):
         self._head_sites: dict[str, HeadSite] = {}
         self._active: str | Stack | Switch | None = None
         self._merged: tuple[tuple[str, float], ...] | None = None
+        self._merged_head: str | None = None
+        self._previous: tuple[Any, tuple[tuple[str, float], ...], str | None] = (None, (), None)
         self._fingerprint = compute_fingerprint(backbone)
         self.train(backbone.training)  # batch-norm statistics are frozen from the start
 
@@ -342,6 +344,7 @@ class AdapterModel(nn.Module):
             site.merge(weighted)
         self._previous = (self._active, self.routing.weighted, self.routing.head)
         self.routing.weighted, self.routing.head = (), head
+        self._active = None  # the merged weights are the live composition until unmerge()
         self._merged, self._merged_head = weighted, head
 
     def unmerge(self) -> None:

@@ -413,3 +413,17 @@ def test_stack_and_switch_on_grouped_dilated_and_3d_convs():
         model.activate(name)
         torch.testing.assert_close(out[i], model(x[i : i + 1])[0], rtol=1e-5, atol=1e-5)
         model.activate(Switch("a", "b"))
+
+
+def test_merge_while_a_switch_is_active_runs_the_merged_weights_then_restores_the_switch():
+    model = switch_model()
+    model.activate(Switch("digits", "parity"))
+    model.merge("digits")
+    merged = model(X)  # no route needed: the merged adapter is the live composition
+    model.unmerge()
+    model.activate("digits")
+    torch.testing.assert_close(merged, model(X), rtol=1e-4, atol=1e-4)
+    model.activate(Switch("digits", "parity"))
+    model.merge("digits")
+    model.unmerge()
+    assert isinstance(model.active, Switch)
