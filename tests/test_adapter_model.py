@@ -208,7 +208,8 @@ def test_grouped_conv_crossing_groups_refuses_to_merge():
 
 def test_gaussian_init_and_dropout(x):
     model = AdapterModel(resnet())
-    layer = dict(model.add_adapter("g", LoRAConfig(r=8, targets=["fc"], init="gaussian", dropout=0.5)).layer_items())["fc"]
+    adapter = model.add_adapter("g", LoRAConfig(r=8, targets=["fc"], init="gaussian", dropout=0.5))
+    layer = dict(adapter.layer_items())["fc"]
     a = layer.lora_A.weight
     assert torch.equal(layer.lora_B.weight, torch.zeros_like(layer.lora_B.weight))
     assert abs(a.std().item() - 1 / 8) < 0.01, "gaussian init draws A from N(0, 1/r²)"
