@@ -78,36 +78,25 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_listings_match_the_api(home: Path) -> None:
-    ls_json, versions_json, table, shown = cli_all(
-        home,
-        ("--json", "ls"),
-        ("--json", "versions", "digits/lora"),
-        ("ls",),
-        ("--json", "show", "digits/lora:2"),
-    )
+    ls_json, table, shown = cli_all(home, ("--json", "ls"), ("ls",), ("show", "--json", "digits/lora:2"))
     with Hub.open(home) as hub:
         assert json.loads(ls_json) == [s.to_dict() for s in hub.ls()]
-        assert json.loads(versions_json) == [v.to_dict() for v in hub.versions("digits/lora")]
+        version = hub.resolve("digits/lora:2").to_dict()
     assert re.search(r"digits/lora\s*│\s*2\s*│\s*2", table)
     record = json.loads(shown)
+    assert {k: record[k] for k in version} == version
     assert [(e["parent"], e["relation"]) for e in record["parents"]] == [("digits/lora:1", "finetuned_from")]
     assert [(e["child"], e["relation"]) for e in record["children"]] == [("rotated/t:1", "transferred_from")]
 
 
 def test_lineage_formats(home: Path) -> None:
-    dot, mermaid, tree = cli_all(
-        home,
-        ("lineage", "digits/lora:1", "--format", "dot"),
-        ("lineage", "rotated/t", "--format", "mermaid"),
-        ("lineage", "digits/lora:2"),
-    )
+    dot, tree = cli_all(home, ("lineage", "digits/lora:1", "--format", "dot"), ("lineage", "digits/lora:2"))
     names = dict(re.findall(r'^\s+(v\d+) \[label="([^"]+)"', dot, re.M))
     edges = {(names[a], names[b], label) for a, b, label in re.findall(r'(v\d+) -> (v\d+) \[label="([^"]+)"', dot)}
     assert edges == {
         ("digits/lora:1", "digits/lora:2", "finetuned_from"),
         ("digits/lora:2", "rotated/t:1", "transferred_from"),
     }
-    assert mermaid.startswith("flowchart LR") and mermaid.count("-->") == 2
     assert tree.index("made from") < tree.index("digits/lora:1") and "rotated/t:1" in tree
     if shutil.which("dot"):
         cli(home, "lineage", "digits/lora:1", "--format", "png", "-o", str(home / "l.png"))
@@ -161,15 +150,13 @@ def test_user_errors_are_one_line(home: Path) -> None:
                 lambda kw: cli(home, *kw.pop("args"), ok=False, **kw),
                 [
                     {"args": ("show", "digits/lor")},
-                    {"args": ("show", "digits")},
                     {"args": ("task", "add", "digits")},
                     {"args": ("ls",), "db": "postgresql+psycopg://nobody@127.0.0.1:1/none"},
                 ],
             )
         )
-    unknown, malformed, duplicate, unreachable = (r.stderr for r in runs)
+    unknown, duplicate, unreachable = (r.stderr for r in runs)
     assert "did you mean digits/lora" in unknown
-    assert "malformed ref" in malformed
     assert "already exists" in duplicate
     assert "cannot open database" in unreachable
 
@@ -180,20 +167,14 @@ def test_rm_verify_and_gc(home: Path) -> None:
             hub.register(trained(seed), "a", task="rotated", name="scratch")
         digest = hub.resolve("rotated/scratch:1").digest
     cli(home, "rm", "rotated/scratch:2")
-    listed, verified = cli_all(home, ("--json", "versions", "rotated/scratch", "--all"), ("--json", "verify", "--all"))
-    assert [(v["number"], v["status"]) for v in json.loads(listed)] == [(1, "ready"), (2, "deleted")]
-    assert json.loads(verified) == {"ok": True, "problems": []}
+    listed = as_json(home, "versions", "rotated/scratch", "--all")
+    assert [(v["number"], v["status"]) for v in listed] == [(1, "ready"), (2, "deleted")]
 
     blob = home / "artifacts" / "sha256" / digest[:2] / digest[2:]
     blob.chmod(0o644)
     blob.write_bytes(blob.read_bytes()[:-1] + b"\0")
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        failed, load_error = pool.map(
-            lambda args: cli(home, *args, ok=False).stderr,
-            [("verify", "--all"), ("export", "rotated/scratch:1", str(home / "out"))],
-        )
+    failed = cli(home, "verify", "--all", ok=False).stderr
     assert f"rotated/scratch:1: corrupt blob: expected sha256:{digest}" in failed
-    assert "rotated/scratch:1" in load_error and digest in load_error
 
     report = as_json(home, "gc", "--grace", "0", "--purge-deleted")
     assert report["purged_versions"] == ["rotated/scratch:2"] and len(report["removed"]) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from adapter_hub.lora import LoRAConfig
 from adapter_hub.model import AdapterModel
 from adapter_hub.registry import AlreadyExists, ArtifactError, Hub, NotFound, RefError, RegistryError
 from adapter_hub.registry.models import VersionRow
+from adapter_hub.registry.render import to_mermaid
 
 
 def make_model(seed: int = 0) -> AdapterModel:
@@ -173,6 +175,10 @@ def test_lineage_graph_holds_ancestors_and_descendants(hub: Hub) -> None:
     assert composed == {(c.ref, 0.7, "ties"), (a.ref, 0.3, "ties")}
     assert next(x for x in g.parents(d.ref) if x.parent == c.ref).params == {"density": 0.2}
     assert hub.lineage(e.ref).ancestors() == {a.ref, b.ref, c.ref, d.ref}
+    mermaid = to_mermaid(g)
+    nodes = dict(re.findall(r'^\s+(v\d+)\["([^"]+)"\]', mermaid, re.M))
+    arrows = {(nodes[x], nodes[y]) for x, y in re.findall(r"(v\d+) -->\|[^|]*\| (v\d+)", mermaid)}
+    assert arrows == {(x.parent, x.child) for x in g.edges} and len(arrows) == 5
     with pytest.raises(RegistryError, match="unknown lineage relation"):
         hub.register(model, "f", task="digits", name="x", parents=[(a.ref, "copied_from")])
     with pytest.raises(NotFound, match="digits/base:9 does not exist"):
