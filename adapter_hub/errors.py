@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from .lora.base import LoRAConfigError
+import sys
 
 
 class AdapterHubError(Exception):
     """Base of every error that reports a user mistake or bad input (never a bug)."""
 
 
-class ConfigError(AdapterHubError, LoRAConfigError):
+class ConfigError(AdapterHubError, ValueError):
     """A LoRA configuration or call argument that cannot be honoured (r <= 0, bad weights...)."""
 
 
@@ -36,5 +36,10 @@ class MergeError(AdapterHubError, RuntimeError):
     """A delta that cannot be folded into the base weight (e.g. a grouped conv whose A crosses groups)."""
 
 
-# What a user can cause: the CLI prints these as one line (lora/ raises its own, dependency-free type).
-USER_ERRORS: tuple[type[Exception], ...] = (AdapterHubError, LoRAConfigError)
+def is_user_error(exc: BaseException) -> bool:
+    """What a user can cause: the CLI prints these as one line. ``lora/`` raises its own type (it imports
+    nothing of the package); it is looked up only if loaded, so this module never imports torch."""
+    if isinstance(exc, AdapterHubError):
+        return True
+    lora_base = sys.modules.get("adapter_hub.lora.base")
+    return lora_base is not None and isinstance(exc, lora_base.LoRAConfigError)

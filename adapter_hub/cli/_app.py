@@ -12,8 +12,6 @@ from rich.console import Console
 
 from .. import errors
 
-USER_ERRORS: tuple[type[Exception], ...] = getattr(errors, "USER_ERRORS", (errors.AdapterHubError,))
-
 
 def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
@@ -26,7 +24,9 @@ class HubGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as exc:
+        except Exception as exc:
+            if not errors.is_user_error(exc):
+                raise
             raise click.ClickException(one_line(exc)) from None
 
 
