@@ -155,30 +155,13 @@ class LayerSite(_Site):
         r = self.routing
         if r.segments is None:
             active = [(part(self.layers[n]), w) for n, w in r.weighted if n in self.layers]
-            w_all, b_all = self._stacked(slot, weight, bias, [p[0] for p, _ in active])
-            y = op(x, w_all, b_all)
-            out_features, offset = weight.shape[0], weight.shape[0]
-            flat = y.flatten(2) if y.dim() > 2 and op is not F.linear else y.reshape(-1, y.shape[-1])
-            result = flat[:, :out_features]
-            for (a_w, b_w, scale), w in active:
-                k = a_w.shape[0]
-                a = flat[:, offset : offset + k]
-                offset += k
-                if op is F.linear:
-                    result = torch.addmm(result, a, b_w.t(), alpha=w * scale)
-                else:
-                    result = torch.baddbmm(result, b_w.expand(a.shape[0], *b_w.shape), a, alpha=w * scale)
-            return (
-                result.reshape(*y.shape[:-1], out_features)
-                if op is F.linear
-                else result.view(y.shape[0], out_features, *y.shape[2:])
-            )
-        out = op(x, weight, bias)
+            return self._fused(x, weight, bias, op, active, slot)
         if x.shape[0] != r.batch_size:
             raise RuntimeError(
                 f"per-sample routing needs every adapted layer to keep the batch as dimension 0; "
                 f"{self.path} got {x.shape[0]} rows for a batch of {r.batch_size}"
             )
+        out = op(x, weight, bias)
         for name, start, end in r.segments:
             layer = self.layers.get(name) if name is not None else None
             if layer is None:
@@ -191,6 +174,36 @@ class LayerSite(_Site):
             else:
                 rows.flatten(2).baddbmm_(b_w.expand(a.shape[0], *b_w.shape), a.flatten(2), alpha=scale)
         return out
+
+    def _fused(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        op: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+        active: list[tuple[Part, float]],
+        slot: str,
+    ) -> torch.Tensor:
+        """op(x, [W; A₁; …]) once, then each B applied by one fused, scaled multiply-add."""
+        if not active:
+            return op(x, weight, bias)
+        w_all, b_all = self._stacked(slot, weight, bias, [p[0] for p, _ in active])
+        y = op(x, w_all, b_all)
+        out_features, offset = weight.shape[0], weight.shape[0]
+        linear = op is F.linear
+        flat = y.reshape(-1, y.shape[-1]) if linear else y.flatten(2)
+        result = flat[:, :out_features]
+        for (a_w, b_w, scale), w in active:
+            k = a_w.shape[0]
+            a = flat[:, offset : offset + k]
+            offset += k
+            if linear:
+                result = torch.addmm(result, a, b_w.t(), alpha=w * scale)
+            else:
+                result = torch.baddbmm(result, b_w.expand(a.shape[0], *b_w.shape), a, alpha=w * scale)
+        if linear:
+            return result.reshape(*y.shape[:-1], out_features)
+        return result.view(y.shape[0], out_features, *y.shape[2:])
 
     def _stacked(
         self, slot: str, weight: torch.Tensor, bias: torch.Tensor | None, a_weights: list[torch.Tensor]
