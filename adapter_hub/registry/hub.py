@@ -111,7 +111,9 @@ class Hub:
         try:
             with engine.connect() as conn:
                 state = schema.schema_state(conn)
-            if state.empty and create:
+            if not state.up_to_date and create:
+                # Judge again under the migration lock: a concurrent first open may be mid-migration, and
+                # an empty database is migrated here. Anything else comes back as it is, for check().
                 state = schema.upgrade(engine, only_if_empty=True)
             schema.check(state, f"database {where}")
         except (DatabaseError, InterfaceError, NoSuchModuleError, ModuleNotFoundError) as exc:
