@@ -273,6 +273,8 @@ class AdapterModel(nn.Module):
 
     def _stack_head(self, stack: Stack) -> str | None:
         if stack.head is not None:
+            if stack.head:
+                self._require(stack.head)
             return stack.head or None
         return next((n for n in stack.names if len(self.adapters[n].heads)), None)
 

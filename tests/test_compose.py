@@ -12,7 +12,7 @@ from torch import nn
 
 from adapter_hub import AdapterModel, LoRAConfig, Stack, Switch
 from adapter_hub.compose import RoutedOutput
-from adapter_hub.errors import ConfigError
+from adapter_hub.errors import AdapterNotFound, ConfigError
 
 
 def resnet() -> nn.Module:
@@ -96,8 +96,14 @@ def test_stack_uses_the_named_head():
     model.activate(Stack("a", "b"))  # default: the first adapter that has a head
     with_a = model(X)
     assert not torch.allclose(with_a, with_b) and not torch.allclose(with_b, bare_head)
-    with pytest.raises(ConfigError, match="not one of the stacked"):
-        Stack("a", "b", head="c")
+    with pytest.raises(AdapterNotFound, match="no adapter named 'c'"):
+        model.activate(Stack("a", "b", head="c"))
+    model.add_adapter("c", LoRAConfig(r=2, targets=["layer4.*.conv*"], heads=["fc"]))
+    model.activate(Stack("a", head="c"))  # another adapter may lend its head
+    model.activate("a")
+    deltas_a = model(X)
+    model.activate(Stack("a", head="c"))
+    assert not torch.allclose(model(X), deltas_a)
 
 
 def test_switching_is_a_pointer_change():

@@ -7,6 +7,7 @@ import click
 from ._app import HubGroup, State
 from .catalog import backbone, task
 from .db_cmds import db
+from .demo_cmd import demo
 from .inspect_cmds import lineage, ls, metrics, show, versions
 from .manage import alias, gc, rm, tag, verify
 from .transfer import export, import_
@@ -24,5 +25,7 @@ def main(ctx: click.Context, home: str | None, db: str | None, as_json: bool) ->
     state.home, state.db, state.json = home, db, as_json or state.json
 
 
-for _command in (db, backbone, task, ls, show, versions, lineage, metrics, alias, tag, verify, gc, rm, export, import_):
+_COMMANDS = (demo, db, backbone, task, ls, show, versions, lineage, metrics, alias, tag, verify, gc, rm, export)
+_COMMANDS += (import_,)
+for _command in _COMMANDS:
     main.add_command(_command)

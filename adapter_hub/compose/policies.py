@@ -12,8 +12,9 @@ from ..errors import ConfigError
 class Stack:
     """W·x + Σ wᵢ·ΔWᵢ·x at every adapted layer: deltas summed on the same input, never chained.
 
-    ``head`` names the adapter whose task head runs (default: the first that has one; ``head=""``
-    keeps the backbone's own module).
+    ``head`` names the adapter whose task head runs — usually one of the stack, but any adapter of the
+    model may lend its head (e.g. a combined multi-task adapter evaluated with each task's head); by
+    default the first stacked adapter that has one; ``head=""`` keeps the backbone's own module.
     """
 
     names: tuple[str, ...]
@@ -26,8 +27,6 @@ class Stack:
         w = tuple(float(x) for x in weights) if weights is not None else (1.0,) * len(names)
         if len(w) != len(names):
             raise ConfigError(f"Stack got {len(names)} adapters but {len(w)} weights")
-        if head not in (None, "") and head not in names:
-            raise ConfigError(f"Stack head {head!r} is not one of the stacked adapters {list(names)}")
         object.__setattr__(self, "names", tuple(names))
         object.__setattr__(self, "weights", w)
         object.__setattr__(self, "head", head)
