@@ -137,3 +137,19 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
+
+
+def rebuild(name: str, source: dict[str, Any] | None, fingerprint: str) -> nn.Module:
+    """A registered backbone rebuilt from its record, refused unless its fingerprint is the recorded one."""
+    from .formats import fingerprint as fingerprint_of
+
+    if not source:
+        raise BackboneError(f"backbone {name!r} was recorded by fingerprint only; it cannot be rebuilt here")
+    model = build_backbone(source)
+    actual = fingerprint_of(model)
+    if actual != fingerprint:
+        raise BackboneError(
+            f"backbone {name!r} rebuilt from {source} has fingerprint {actual[:12]}…, "
+            f"not the recorded {fingerprint[:12]}…"
+        )
+    return model

@@ -228,13 +228,17 @@ def run_demo(hub: Hub, settings: DemoSettings | None = None) -> DemoResult:
     # and density are chosen on the validation sets, as in the TIES paper; the test sets stay unseen.
     chosen: dict[str, float] = {}
 
-    def normalized(name: str, split: str) -> float:
+    alone: dict[str, float] = {}
+
+    def normalized(name: str) -> float:
+        """Mean over the merged tasks of (merged accuracy / own adapter's accuracy), on validation."""
         total = 0.0
         for d in MERGED:
+            if d not in alone:
+                model.activate(d)
+                alone[d] = max(training.evaluate(model, sets[d].val), 1e-9)
             model.activate(Stack(name, head=d))
-            merged_acc = training.evaluate(model, getattr(sets[d], split))
-            model.activate(d)
-            total += merged_acc / max(training.evaluate(model, getattr(sets[d], split)), 1e-9)
+            total += training.evaluate(model, sets[d].val) / alone[d]
         return total / len(MERGED)
 
     def train_merged() -> dict[str, float]:
@@ -244,7 +248,7 @@ def run_demo(hub: Hub, settings: DemoSettings | None = None) -> DemoResult:
             for density in (0.5, 0.8):
                 model.combine("candidate", list(MERGED), [lam] * len(MERGED), method="ties", density=density,
                               rank=s.rank * len(MERGED), head=MERGED[0])  # fmt: skip
-                score = normalized("candidate", "val")
+                score = normalized("candidate")
                 model.delete_adapter("candidate")
                 best = max(best, (score, lam, density))
         _, lam, density = best

@@ -6,6 +6,8 @@ import click
 
 from ._app import HubGroup, State
 from .catalog import backbone, task
+from .compose_cmds import compose
+from .data_cmds import data
 from .db_cmds import db
 from .demo_cmd import demo
 from .inspect_cmds import lineage, ls, metrics, show, versions
@@ -26,6 +28,6 @@ def main(ctx: click.Context, home: str | None, db: str | None, as_json: bool) ->
 
 
 _COMMANDS = (demo, db, backbone, task, ls, show, versions, lineage, metrics, alias, tag, verify, gc, rm, export)
-_COMMANDS += (import_,)
+_COMMANDS += (import_, data, compose)
 for _command in _COMMANDS:
     main.add_command(_command)

@@ -44,7 +44,7 @@ def backbone_add(
     else:
         if architecture is None:
             raise RegistryError("give an ARCHITECTURE (torchvision name or module:callable) or --fingerprint")
-        from ._backbones import build
+        from ..backbones import build_backbone
 
         source = {
             "architecture": architecture,
@@ -52,7 +52,7 @@ def backbone_add(
             "seed": seed,
             "num_classes": num_classes,
         }
-        module = build(source)
+        module = build_backbone(source)
         record = hub.add_backbone(name, module, architecture=architecture, source=source, description=description)
     if state.json:
         emit_json(record.to_dict())

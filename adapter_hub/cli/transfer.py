@@ -14,8 +14,8 @@ FORMATS = click.Choice(["safetensors", "peft"])
 
 
 def _model_on(hub: Any, backbone_name: str) -> Any:
+    from ..backbones import rebuild as build_checked
     from ..model import AdapterModel
-    from ._backbones import build_checked
 
     record = hub.backbone(backbone_name)
     return AdapterModel(build_checked(record.name, record.source, record.fingerprint))
