@@ -122,7 +122,11 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         raise BackboneError(f"cannot read weights {path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(state, dict):
         raise BackboneError(f"weights {path} hold no state dict")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape
+        detail = str(exc).splitlines()[-1].strip()
+        raise BackboneError(f"weights {path} do not fit the architecture: {detail}") from None
     if missing or unexpected:
         raise BackboneError(
             f"weights {path} do not fit the architecture: {len(missing)} missing, {len(unexpected)} unexpected keys"

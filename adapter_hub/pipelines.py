@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from .backbones import rebuild
 from .errors import ConfigError
+from .lora import LoRAConfig
 from .model import AdapterModel
 from .registry import Hub
 from .registry.records import Parent, Version
@@ -61,3 +62,75 @@ def compose_refs(
     return hub.register(model, "combined", task=task, name=name, parents=parents,
                         metrics={"compose/rel_error": recipe["rel_error"]},
                         description=f"{method} of {', '.join(v.ref for v in versions)}")  # fmt: skip
+
+
+def train_adapter(
+    hub: Hub,
+    output: str,
+    *,
+    backbone: str,
+    data_dir: str,
+    from_ref: str | None = None,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets: Sequence[str] | None = None,
+    epochs: int = 5,
+    lr: float = 5e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> Version:
+    """Train TASK/ADAPTER on an ImageFolder directory over a registered backbone and register it, with
+    its metrics; ``from_ref`` starts from an existing version (``transferred_from`` another task,
+    ``finetuned_from`` the same task), refused if it was made for another backbone."""
+    from torch import nn
+
+    from . import backbones, data, training
+
+    task, _, name = output.partition("/")
+    if not task or not name or "@" in name or ":" in name:
+        raise ConfigError(f"train takes TASK/ADAPTER, got {output!r}")
+    task_record = hub.task(task)
+    record = hub.backbone(backbone)
+    num_classes = (task_record.output or {}).get("num_classes")
+    dataset = data.load_imagefolder(data_dir, num_classes=num_classes)
+    model = AdapterModel(rebuild(record.name, record.source, record.fingerprint))
+    entry = backbones.CATALOGUE.get((record.source or {}).get("architecture", ""))
+    head_path = entry.head if entry else None
+    if head_path is None:
+        raise ConfigError(f"backbone {backbone!r} is not in the catalogue: pass --targets and use the Python API")
+    head = model.backbone.get_submodule(head_path)
+    new_head = nn.Linear(head.in_features, dataset.num_classes)
+    parents = []
+    if from_ref is not None:
+        parent = hub.resolve(from_ref)
+        if parent.fingerprint != record.fingerprint:
+            raise ConfigError(f"--from {parent.ref} was made for backbone {parent.backbone!r}, not {backbone!r}")
+        hub.load_into(model, parent.ref, name="parent")
+        training.transfer_init(model, "parent", "adapter", head_modules={head_path: new_head})
+        relation = "finetuned_from" if parent.task == task else "transferred_from"
+        parents.append((parent.ref, relation))
+    else:
+        config = LoRAConfig(r=rank, alpha=alpha, targets=list(targets or entry.targets), heads=[head_path])
+        model.add_adapter("adapter", config, head_modules={head_path: new_head})
+    model.activate("adapter")
+    fit = training.fit(model, dataset.train, dataset.val, epochs=epochs, lr=lr, seed=seed, progress=progress,
+                       description=output)  # fmt: skip
+    metrics = {"val/accuracy": fit.best_accuracy, "test/accuracy": training.evaluate(model, dataset.test),
+               "train/steps": float(fit.steps)}  # fmt: skip
+    return hub.register(model, "adapter", task=task, name=name, parents=parents, metrics=metrics,
+                        backbone=backbone)  # fmt: skip
+
+
+def evaluate_ref(hub: Hub, ref: str, data_dir: str, *, split: str = "test") -> tuple[Version, float]:
+    """Accuracy of a registered version on an ImageFolder directory's split, logged as a metric."""
+    from . import data, training
+
+    version = hub.resolve(ref)
+    model = model_for(hub, version)
+    hub.load_into(model, version.ref, name="adapter")
+    task = hub.task(version.task)
+    dataset = data.load_imagefolder(data_dir, num_classes=(task.output or {}).get("num_classes"))
+    model.activate("adapter")
+    accuracy = training.evaluate(model, getattr(dataset, split))
+    hub.log_metric(version.ref, f"{split}/accuracy", accuracy)
+    return version, accuracy

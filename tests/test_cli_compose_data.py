@@ -66,3 +66,37 @@ def test_data_digits_writes_an_imagefolder_the_loader_reads(tmp_path: Path):
     assert len(loaded.test) == len(expected.test)
     bad = cli(tmp_path, "data", "digits", str(tmp_path / "x"), "--domain", "sideways")
     assert bad.returncode == 2 and "Invalid value for '--domain'" in bad.stderr
+
+
+def test_train_then_transfer_then_eval_through_the_cli(tmp_path: Path):
+    home = tmp_path / "home"
+    for args in (("backbone", "add", "small", "resnet_small", "--num-classes", "10"),
+                 ("task", "add", "rot", "--num-classes", "10"), ("task", "add", "inv", "--num-classes", "10"),
+                 ("data", "digits", str(tmp_path / "rot"), "--domain", "rotated", "--pool", "target"),
+                 ("data", "digits", str(tmp_path / "inv"), "--domain", "inverted", "--pool", "target")):  # fmt: skip
+        done = cli(home, *args)
+        assert done.returncode == 0, done.stderr
+    first = cli(home, "--json", "train", "rot/lora", "--backbone", "small", "--data", str(tmp_path / "rot"),
+                "--epochs", "1")  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    moved = cli(home, "train", "inv/lora", "--backbone", "small", "--data", str(tmp_path / "inv"), "--from",
+                "rot/lora", "--epochs", "1")  # fmt: skip
+    assert moved.returncode == 0 and "registered inv/lora:1" in moved.stdout, moved.stderr
+    hub = Hub.open(home)
+    edges = hub.lineage("inv/lora:1").edges
+    assert [(e.parent, e.relation) for e in edges] == [("rot/lora:1", "transferred_from")]
+    logged = {m.name: m.value for m in hub.metrics("rot/lora:1")}
+    hub.close()
+    evaluated = cli(home, "--json", "eval", "rot/lora", "--data", str(tmp_path / "rot"))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["accuracy"] == logged["test/accuracy"], "the same model gives the same score"
+
+    missing = cli(home, "train", "rot/x", "--backbone", "small", "--data", str(tmp_path / "nothing"))
+    assert missing.returncode == 1 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    cli(home, "task", "add", "two", "--num-classes", "2")
+    wrong = cli(home, "train", "two/x", "--backbone", "small", "--data", str(tmp_path / "rot"))
+    assert wrong.returncode == 1 and "the task expects 2" in wrong.stderr
+    other = cli(home, "backbone", "add", "other", "resnet_small", "--num-classes", "10", "--seed", "1")
+    assert other.returncode == 0
+    cross = cli(home, "train", "inv/y", "--backbone", "other", "--data", str(tmp_path / "inv"), "--from", "rot/lora")
+    assert cross.returncode == 1 and "was made for backbone 'small'" in cross.stderr

@@ -1,0 +1,50 @@
+"""adapter-hub train / eval: fit an adapter on an ImageFolder directory and register it; evaluate a version."""
+
+from __future__ import annotations
+
+import click
+
+from ._app import State, emit_json, pass_state
+
+
+@click.command()
+@click.argument("output", metavar="TASK/ADAPTER")
+@click.option("--backbone", required=True, help="A registered backbone (adapter-hub backbone add).")
+@click.option("--data", "data_dir", required=True, type=click.Path(), help="ImageFolder directory.")
+@click.option("--from", "from_ref", help="Start from this version (transfer or continued fine-tuning).")
+@click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--alpha", type=float, default=16.0, show_default=True)
+@click.option("--targets", help="Comma-separated target patterns (default: the backbone's catalogue entry).")
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--lr", type=float, default=5e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@pass_state
+def train(state: State, output: str, backbone: str, data_dir: str, from_ref: str | None, rank: int, alpha: float,
+          targets: str | None, epochs: int, lr: float, seed: int) -> None:  # fmt: skip
+    """Train a LoRA adapter for TASK on DATA over BACKBONE and register it as a new version."""
+    from ..pipelines import train_adapter
+
+    version = train_adapter(
+        state.hub(), output, backbone=backbone, data_dir=data_dir, from_ref=from_ref, rank=rank, alpha=alpha,
+        targets=targets.split(",") if targets else None, epochs=epochs, lr=lr, seed=seed, progress=not state.json,
+    )  # fmt: skip
+    if state.json:
+        emit_json(version.to_dict())
+    else:
+        click.echo(f"registered {version.ref}")
+
+
+@click.command("eval")
+@click.argument("ref")
+@click.option("--data", "data_dir", required=True, type=click.Path(), help="ImageFolder directory.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@pass_state
+def eval_(state: State, ref: str, data_dir: str, split: str) -> None:
+    """Accuracy of REF on DATA's split, logged as a metric of the version."""
+    from ..pipelines import evaluate_ref
+
+    version, accuracy = evaluate_ref(state.hub(), ref, data_dir, split=split)
+    if state.json:
+        emit_json({"ref": version.ref, "split": split, "accuracy": accuracy})
+    else:
+        click.echo(f"{version.ref}: {split} accuracy {accuracy:.2%}")
