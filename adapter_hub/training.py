@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .data import Split
 from .errors import AdapterHubError
 
@@ -55,6 +57,11 @@ def _interruptible() -> Iterator[None]:
         raise TrainingInterrupted("training interrupted; nothing was registered") from None
 
 
+# A batch is a tuple of tensors sharing the first dimension; its loss function returns the *sum* of the
+# per-sample losses of the rows it is given (see distributed.py for why a sum over the global size).
+Batch = tuple[torch.Tensor, ...]
+
+
 def fit(
     model: nn.Module,
     train: Split,
@@ -71,40 +78,73 @@ def fit(
 ) -> FitResult:
     """Train every parameter of ``model`` that requires grad (for an AdapterModel: the active adapter's
     deltas and heads) with AdamW and a cosine schedule; evaluate on ``val`` every ``eval_every`` steps
-    (default: each epoch) and keep the best state. Deterministic on CPU for a given seed."""
+    (default: each epoch) and keep the best state. Deterministic on CPU for a given seed. Under torchrun
+    the global batches are split across the processes (see ``adapter_hub.distributed``)."""
+
+    def loss(batch: Batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y, reduction="sum")
+
+    return _train_loop(
+        model, lambda g: train.batches(batch_size, shuffle=True, generator=g), loss, lambda: evaluate(model, val),
+        steps_per_epoch=math.ceil(len(train) / batch_size), epochs=epochs, lr=lr, weight_decay=weight_decay,
+        seed=seed, eval_every=eval_every, progress=progress, description=description,
+    )  # fmt: skip
+
+
+def _train_loop(
+    model: nn.Module,
+    batches: Callable[[torch.Generator], Iterable[Batch]],
+    loss_sum: Callable[[Batch], torch.Tensor],
+    score: Callable[[], float],
+    *,
+    steps_per_epoch: int,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    eval_every: int | None,
+    progress: bool,
+    description: str,
+) -> FitResult:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise AdapterHubError("nothing to train: activate an adapter (or unfreeze parameters) first")
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(len(train) / batch_size)
+    generator = torch.Generator().manual_seed(seed)  # the same batches in every process
     total = epochs * steps_per_epoch
     every = eval_every or steps_per_epoch
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     result = FitResult(best_accuracy=-1.0, best_step=0, steps=0)
     best_state: list[torch.Tensor] = [p.detach().clone() for p in params]
-    bar = _progress(progress, description, total)
-    step = 0
+    bar = _progress(progress and distributed.is_main(), description, total)
+    step, acc = 0, float("nan")
     with _interruptible(), bar:
         task = bar.add_task(description, total=total) if bar else None
         for _ in range(epochs):
             model.train()
-            for x, y in train.batches(batch_size, shuffle=True, generator=generator):
-                loss = F.cross_entropy(model(x), y)
+            for batch in batches(generator):
+                n = len(batch[0])
+                rows = distributed.shard(n)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = None
+                if rows.stop > rows.start:
+                    loss = loss_sum(tuple(t[rows] for t in batch)) / n
+                    loss.backward()
+                distributed.all_reduce_gradients(params)
                 optimizer.step()
                 schedule.step()
                 step += 1
                 if step % every == 0 or step == total:
-                    acc = evaluate(model, val)
+                    acc = score()
                     result.history.append((step, acc))
                     if acc > result.best_accuracy:
                         result.best_accuracy, result.best_step = acc, step
                         best_state = [p.detach().clone() for p in params]
                 if bar:
-                    bar.update(task, advance=1, description=f"{description} loss {loss.item():.3f}")
+                    shown = f"loss {loss.item():.3f}" if loss is not None else ""
+                    bar.update(task, advance=1, description=f"{description} {shown} val acc {acc:.1%}")
     with torch.no_grad():
         for p, best in zip(params, best_state):
             p.copy_(best)
@@ -131,6 +171,92 @@ class _NoBar:
 
     def __bool__(self) -> bool:
         return False
+
+
+# --- several tasks at once: a Switch over their adapters, mixed batches ---------------------------------
+@torch.no_grad()
+def evaluate_routed(model: Any, name: str, split: Split, *, batch_size: int = 256) -> float:
+    """Top-1 accuracy of adapter ``name`` on ``split`` through the active Switch (its own head)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for x, y in split.batches(batch_size):
+        out = model(x, route=[name] * len(y)).by_adapter[name]
+        correct += int((out.argmax(-1) == y).sum())
+    model.train(was_training)
+    return correct / max(1, len(split))
+
+
+def multitask_loss_sum(model: Any, names: Sequence[str], batch: Batch) -> torch.Tensor:
+    """Σ over the samples of a mixed batch of each sample's loss through its own adapter and head.
+
+    ``batch`` is (x, y, task index into ``names``). One backward over it gives each adapter the gradient
+    of its own samples' losses only: the routing sends no other sample through its deltas or head."""
+    x, y, codes = batch
+    out = model(x, route=[names[int(c)] for c in codes])
+    total = x.new_zeros(())
+    for name, logits in out.by_adapter.items():
+        total = total + F.cross_entropy(logits, y[out.rows[name]], reduction="sum")
+    return total
+
+
+@dataclass
+class MultiTaskResult(FitResult):
+    """A FitResult whose accuracy is the mean over the tasks; ``per_task`` at the best step."""
+
+    per_task: dict[str, float] = field(default_factory=dict)
+
+
+def fit_multitask(
+    model: Any,
+    tasks: Mapping[str, tuple[Split, Split]],
+    *,
+    epochs: int = 5,
+    lr: float = 3e-3,
+    weight_decay: float = 0.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    eval_every: int | None = None,
+    progress: bool = True,
+    description: str = "multi-task",
+) -> MultiTaskResult:
+    """Train several task adapters together: ``tasks`` maps adapter names to (train, val) splits. The
+    training sets are pooled and shuffled, so each batch mixes the tasks; a Switch routes every sample
+    through its own adapter and head, and one optimizer step updates each adapter from its own samples.
+    The best state is the one with the best mean validation accuracy over the tasks."""
+    from .compose import Switch
+
+    names = list(tasks)
+    if not names:
+        raise AdapterHubError("fit_multitask needs at least one task")
+    shapes = {tuple(train.x.shape[1:]) for train, _ in tasks.values()}
+    if len(shapes) > 1:
+        raise AdapterHubError(f"the tasks' images differ in shape ({sorted(shapes)}); one batch cannot mix them")
+    pooled = Split(torch.cat([t.x for t, _ in tasks.values()]), torch.cat([t.y for t, _ in tasks.values()]))
+    codes = torch.cat([torch.full((len(t),), i, dtype=torch.long) for i, (t, _) in enumerate(tasks.values())])
+    model.activate(Switch(*names))
+    per_task: dict[str, float] = {}
+
+    def batches(g: torch.Generator) -> Iterator[Batch]:
+        order = torch.randperm(len(pooled), generator=g)
+        for i in range(0, len(order), batch_size):
+            rows = order[i : i + batch_size]
+            yield pooled.x[rows], pooled.y[rows], codes[rows]
+
+    def score() -> float:
+        accs = {n: evaluate_routed(model, n, val) for n, (_, val) in tasks.items()}
+        mean = sum(accs.values()) / len(accs)
+        if not per_task or mean > sum(per_task.values()) / len(per_task):
+            per_task.clear()
+            per_task.update(accs)
+        return mean
+
+    base = _train_loop(
+        model, batches, lambda b: multitask_loss_sum(model, names, b), score,
+        steps_per_epoch=math.ceil(len(pooled) / batch_size), epochs=epochs, lr=lr, weight_decay=weight_decay,
+        seed=seed, eval_every=eval_every, progress=progress, description=description,
+    )  # fmt: skip
+    return MultiTaskResult(base.best_accuracy, base.best_step, base.steps, base.history, per_task=dict(per_task))
 
 
 def transfer_init(model, source: str, new_name: str, *, head_modules: dict[str, nn.Module] | None = None):
