@@ -81,6 +81,22 @@ def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
             offset += n
 
 
+def broadcast_parameters(params: Sequence[torch.nn.Parameter]) -> None:
+    """Give every process rank 0's values (as DistributedDataParallel does when it wraps a model), so
+    that adapters initialised from each process's own random state start the same."""
+    if world()[1] == 1 or not params:
+        return
+    dist = _dist()
+    assert dist is not None
+    with torch.no_grad():
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for p in params:
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
 def barrier() -> None:
     if world()[1] > 1:
         dist = _dist()

@@ -110,6 +110,7 @@ def _train_loop(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise AdapterHubError("nothing to train: activate an adapter (or unfreeze parameters) first")
+    distributed.broadcast_parameters(params)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)  # the same batches in every process
     total = epochs * steps_per_epoch
