@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,18 +129,29 @@ def write_imagefolder(dataset: Dataset, directory: str | Path) -> Path:
     return root
 
 
+def _rgb(image: Any) -> Any:
+    return image.convert("RGB")  # grey images get three equal channels; colour stays colour
+
+
+def image_transform(size: int | None = None) -> Callable[[Any], torch.Tensor]:
+    """PIL image -> 3-channel tensor in [0, 1], resized (shorter side) to ``size`` when given."""
+    from torchvision import transforms
+
+    steps: list[Any] = [_rgb] if size is None else [_rgb, transforms.Resize(size), transforms.CenterCrop(size)]
+    return transforms.Compose([*steps, transforms.ToTensor()])
+
+
 def load_imagefolder(
     directory: str | Path, *, num_classes: int | None = None, size: int | None = None, seed: int = 0
 ) -> Dataset:
     """An ImageFolder directory: ``train/``, ``val/``, ``test/`` subfolders, or one folder of classes
     split 60/20/20 with a seeded permutation. Images become 3-channel tensors in [0, 1]."""
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
     root = Path(directory)
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist")
-    steps = [transforms.Grayscale(3)] if size is None else [transforms.Grayscale(3), transforms.Resize(size)]
-    tf = transforms.Compose([*steps, transforms.ToTensor()])
+    tf = image_transform(size)
 
     def read(path: Path) -> tuple[Split, list[str]]:
         try:

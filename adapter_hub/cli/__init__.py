@@ -12,6 +12,7 @@ from .db_cmds import db
 from .demo_cmd import demo
 from .inspect_cmds import lineage, ls, metrics, show, versions
 from .manage import alias, gc, rm, tag, verify
+from .predict_cmd import predict
 from .train_cmds import eval_, train
 from .transfer import export, import_
 
@@ -29,6 +30,6 @@ def main(ctx: click.Context, home: str | None, db: str | None, as_json: bool) ->
 
 
 _COMMANDS = (demo, db, backbone, task, ls, show, versions, lineage, metrics, alias, tag, verify, gc, rm, export)
-_COMMANDS += (import_, data, compose, train, eval_)
+_COMMANDS += (import_, data, compose, train, eval_, predict)
 for _command in _COMMANDS:
     main.add_command(_command)
