@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .backbones import rebuild
 from .errors import ConfigError
@@ -77,15 +77,23 @@ def train_adapter(
     epochs: int = 5,
     lr: float = 5e-3,
     seed: int = 0,
+    full: bool = False,
     progress: bool = True,
-) -> Version:
+    say: Callable[[str], None] | None = None,
+) -> Version | None:
     """Train TASK/ADAPTER on an ImageFolder directory over a registered backbone and register it, with
     its metrics; ``from_ref`` starts from an existing version (``transferred_from`` another task,
-    ``finetuned_from`` the same task), refused if it was made for another backbone."""
+    ``finetuned_from`` the same task), refused if it was made for another backbone. ``full`` also
+    fine-tunes the whole network on the same data as a baseline and logs its accuracy on the version.
+
+    Under torchrun every process trains its share of each batch; only rank 0 registers (the others
+    return None). An interrupted run (Ctrl-C) raises TrainingInterrupted before anything is written."""
+    import torch
     from torch import nn
 
-    from . import backbones, data, training
+    from . import backbones, data, distributed, training
 
+    distributed.setup()
     task, _, name = output.partition("/")
     if not task or not name or "@" in name or ":" in name:
         raise ConfigError(f"train takes TASK/ADAPTER, got {output!r}")
@@ -99,8 +107,10 @@ def train_adapter(
     if head_path is None:
         raise ConfigError(f"backbone {backbone!r} is not in the catalogue: pass --targets and use the Python API")
     head = model.backbone.get_submodule(head_path)
+    torch.manual_seed(seed)  # the new head and LoRA factors: the same seed gives the same version
     new_head = nn.Linear(head.in_features, dataset.num_classes)
     parents = []
+    metrics: dict[str, float] = {}
     if from_ref is not None:
         parent = hub.resolve(from_ref)
         if parent.fingerprint != record.fingerprint:
@@ -109,16 +119,36 @@ def train_adapter(
         training.transfer_init(model, "parent", "adapter", head_modules={head_path: new_head})
         relation = "finetuned_from" if parent.task == task else "transferred_from"
         parents.append((parent.ref, relation))
+        model.activate("adapter")
+        metrics["transfer/start_accuracy"] = training.evaluate(model, dataset.val)  # before any step here
     else:
         config = LoRAConfig(r=rank, alpha=alpha, targets=list(targets or entry.targets), heads=[head_path])
         model.add_adapter("adapter", config, head_modules={head_path: new_head})
     model.activate("adapter")
-    fit = training.fit(model, dataset.train, dataset.val, epochs=epochs, lr=lr, seed=seed, progress=progress,
-                       description=output)  # fmt: skip
-    metrics = {"val/accuracy": fit.best_accuracy, "test/accuracy": training.evaluate(model, dataset.test),
-               "train/steps": float(fit.steps)}  # fmt: skip
-    return hub.register(model, "adapter", task=task, name=name, parents=parents, metrics=metrics,
-                        backbone=backbone)  # fmt: skip
+    if say is not None and distributed.is_main():
+        _, size = distributed.world()
+        where = f" in {size} processes" if size > 1 else ""
+        say(f"training {output} on {len(dataset.train)} images ({model.num_trainable_parameters('adapter'):,} "
+            f"trainable parameters){where}; Ctrl-C stops without registering")  # fmt: skip
+    with training.interruptible():  # Ctrl-C anywhere before register leaves the registry as it was
+        fit = training.fit(model, dataset.train, dataset.val, epochs=epochs, lr=lr, seed=seed, progress=progress,
+                           description=output)  # fmt: skip
+        metrics.update({"val/accuracy": fit.best_accuracy, "test/accuracy": training.evaluate(model, dataset.test),
+                        "train/steps": float(fit.steps), "train/best_step": float(fit.best_step)})  # fmt: skip
+        if full:
+            baseline = training.full_finetune_copy(model.backbone, head_path, nn.Linear(head.in_features,
+                                                                                         dataset.num_classes))
+            training.fit(baseline, dataset.train, dataset.val, epochs=epochs, lr=1e-3, seed=seed, progress=progress,
+                         description=f"{output} full fine-tune")  # fmt: skip
+            metrics["baseline/full_finetune_accuracy"] = training.evaluate(baseline, dataset.test)
+            metrics["baseline/full_finetune_params"] = float(sum(p.numel() for p in baseline.parameters()))
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 registers; the others wait for it
+        return None
+    version = hub.register(model, "adapter", task=task, name=name, parents=parents, metrics=metrics,
+                           backbone=backbone)  # fmt: skip
+    distributed.barrier()
+    return version
 
 
 def evaluate_ref(hub: Hub, ref: str, data_dir: str, *, split: str = "test") -> tuple[Version, float]:

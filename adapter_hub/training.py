@@ -50,7 +50,9 @@ def evaluate(model: nn.Module, split: Split, *, batch_size: int = 256) -> float:
 
 
 @contextmanager
-def _interruptible() -> Iterator[None]:
+def interruptible() -> Iterator[None]:
+    """Turn Ctrl-C inside the block into TrainingInterrupted: one line for the CLI, and the caller has not
+    registered anything yet."""
     try:
         yield
     except KeyboardInterrupt:
@@ -107,6 +109,27 @@ def _train_loop(
     progress: bool,
     description: str,
 ) -> FitResult:
+    with interruptible():
+        return _train(model, batches, loss_sum, score, steps_per_epoch=steps_per_epoch, epochs=epochs, lr=lr,
+                      weight_decay=weight_decay, seed=seed, eval_every=eval_every, progress=progress,
+                      description=description)  # fmt: skip
+
+
+def _train(
+    model: nn.Module,
+    batches: Callable[[torch.Generator], Iterable[Batch]],
+    loss_sum: Callable[[Batch], torch.Tensor],
+    score: Callable[[], float],
+    *,
+    steps_per_epoch: int,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    eval_every: int | None,
+    progress: bool,
+    description: str,
+) -> FitResult:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise AdapterHubError("nothing to train: activate an adapter (or unfreeze parameters) first")
@@ -121,7 +144,7 @@ def _train_loop(
     best_state: list[torch.Tensor] = [p.detach().clone() for p in params]
     bar = _progress(progress and distributed.is_main(), description, total)
     step, acc = 0, float("nan")
-    with _interruptible(), bar:
+    with bar:
         task = bar.add_task(description, total=total) if bar else None
         for _ in range(epochs):
             model.train()

@@ -18,20 +18,30 @@ from ._app import State, emit_json, pass_state
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--lr", type=float, default=5e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--full", is_flag=True, help="Also fine-tune the whole network as a baseline; its accuracy is logged.")
 @pass_state
 def train(state: State, output: str, backbone: str, data_dir: str, from_ref: str | None, rank: int, alpha: float,
-          targets: str | None, epochs: int, lr: float, seed: int) -> None:  # fmt: skip
-    """Train a LoRA adapter for TASK on DATA over BACKBONE and register it as a new version."""
+          targets: str | None, epochs: int, lr: float, seed: int, full: bool) -> None:  # fmt: skip
+    """Train a LoRA adapter for TASK on DATA over BACKBONE and register it as a new version.
+
+    Under `torchrun --nproc_per_node N` the batches are split across N processes; only rank 0 registers."""
     from ..pipelines import train_adapter
 
     version = train_adapter(
         state.hub(), output, backbone=backbone, data_dir=data_dir, from_ref=from_ref, rank=rank, alpha=alpha,
-        targets=targets.split(",") if targets else None, epochs=epochs, lr=lr, seed=seed, progress=not state.json,
+        targets=targets.split(",") if targets else None, epochs=epochs, lr=lr, seed=seed, full=full,
+        progress=not state.json, say=lambda line: click.echo(line, err=True),
     )  # fmt: skip
+    if version is None:  # another process of a distributed run registered it
+        return
     if state.json:
         emit_json(version.to_dict())
-    else:
-        click.echo(f"registered {version.ref}")
+        return
+    metrics = {m.name: m.value for m in state.hub().metrics(version.ref)}
+    line = f"registered {version.ref}: test accuracy {metrics['test/accuracy']:.2%}"
+    if "baseline/full_finetune_accuracy" in metrics:
+        line += f" (full fine-tune {metrics['baseline/full_finetune_accuracy']:.2%})"
+    click.echo(line)
 
 
 @click.command("eval")
