@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,10 @@ from .errors import AdapterHubError
 
 class BackboneError(AdapterHubError, ValueError):
     """An unknown architecture or a weights file that does not fit."""
+
+
+class UntrustedFactory(BackboneError):
+    """A registry record names a factory (code) that the local user has not allowed to run."""
 
 
 @dataclass(frozen=True)
@@ -70,36 +78,145 @@ def entry(architecture: str) -> Entry:
     return CATALOGUE[architecture]
 
 
+TRUSTED_FACTORIES_ENV = "ADAPTER_HUB_TRUSTED_FACTORIES"
+_TRUST_CODE: ContextVar[bool] = ContextVar("adapter_hub_trust_code", default=False)
+
+
+def is_factory(architecture: str) -> bool:
+    """Whether an architecture is ``module:callable`` (code to import and run) rather than a catalogue or
+    torchvision name (a builder that ships with the package or with torchvision)."""
+    return ":" in architecture
+
+
+def trusted_factories_file() -> Path:
+    """``$XDG_CONFIG_HOME/adapter-hub/trusted-factories`` (``~/.config/...`` by default): one
+    ``module:callable`` per line that rebuilds may run."""
+    base = os.environ.get("XDG_CONFIG_HOME", "")
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".config"  # a relative value is ignored (XDG)
+    return root / "adapter-hub" / "trusted-factories"
+
+
+def trusted_factories() -> set[str]:
+    """The factories the local user allows: ``$ADAPTER_HUB_TRUSTED_FACTORIES`` (comma-separated) and the
+    lines of :func:`trusted_factories_file` (``#`` starts a comment line). Never read from the registry
+    home or database: whoever can write those must not be able to allow their own code."""
+    names = {name.strip() for name in os.environ.get(TRUSTED_FACTORIES_ENV, "").split(",")}
+    path = trusted_factories_file()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        lines = []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BackboneError(f"cannot read the trusted factories file {path}: {_first_line(exc)}") from None
+    names.update(line.strip() for line in lines if not line.lstrip().startswith("#"))
+    names.discard("")
+    return names
+
+
+@contextmanager
+def trusting_code(trust: bool = True) -> Iterator[None]:
+    """Inside this block :func:`rebuild` runs any factory a registry record names, as ``trust_code=True``
+    does for one call (the CLI's ``--trust-code``)."""
+    token = _TRUST_CODE.set(trust)
+    try:
+        yield
+    finally:
+        _TRUST_CODE.reset(token)
+
+
+def check_trusted(name: str, architecture: str, *, trust_code: bool = False) -> None:
+    """Refuse to run a registry record's ``module:callable`` unless the local user allowed it. Called before
+    anything is imported: importing a module runs its code too."""
+    if not is_factory(architecture) or trust_code or _TRUST_CODE.get():
+        return
+    if architecture in trusted_factories():
+        return
+    raise UntrustedFactory(
+        f"backbone {name!r} is built by {architecture!r}, code named by the registry that you have not allowed "
+        f"to run; allow it with --trust-code (trust_code=True in Python), or add {architecture} to "
+        f"${TRUSTED_FACTORIES_ENV} or to {trusted_factories_file()}"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _num_classes(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise BackboneError(f"the number of classes must be a whole number, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise BackboneError(f"the number of classes must be a whole number, got {value!r}") from None
+    if number < 1:
+        raise BackboneError(f"the number of classes must be at least 1, got {number}")
+    return number
+
+
+def load_factory(architecture: str) -> Callable[..., Any]:
+    """Import ``module:callable`` and return the callable. This runs the module's code: a registry record's
+    factory passes :func:`check_trusted` first."""
+    module_name, _, attr = architecture.partition(":")
+    if not all(part.isidentifier() for part in module_name.split(".")) or not attr.isidentifier():
+        raise BackboneError(f"backbone factory {architecture!r} is not module:callable (e.g. mypackage.nets:build)")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise BackboneError(f"cannot import backbone factory {architecture!r}: no module named {exc.name!r}") from None
+    except Exception as exc:  # a module's code may raise anything while it is imported
+        raise BackboneError(f"cannot import backbone factory {architecture!r}: {_first_line(exc)}") from None
+    if not hasattr(module, attr):
+        raise BackboneError(f"cannot import backbone factory {architecture!r}: {module_name} has no {attr!r}")
+    factory = getattr(module, attr)
+    if not callable(factory):
+        raise BackboneError(f"backbone factory {architecture!r} is a {type(factory).__name__}, not a callable")
+    return factory
+
+
 def build_backbone(source: dict[str, Any]) -> nn.Module:
     """Build a backbone from its recorded source: ``architecture`` (a catalogue name, any
     torchvision.models name, or ``module:callable``), ``num_classes``, ``seed`` of the initialisation,
     ``weights`` (a local .safetensors or torchvision .pth file) or ``torchvision_weights`` (a torchvision
-    weights name, downloaded by torchvision where there is internet)."""
+    weights name, downloaded by torchvision where there is internet).
+
+    A ``module:callable`` is imported and called here without asking: this is for an architecture the
+    caller chose. A registry record is rebuilt with :func:`rebuild`, which asks first."""
     arch = source.get("architecture")
     if not arch:
         raise BackboneError("the backbone records no architecture to build it from")
+    if not isinstance(arch, str):
+        raise BackboneError(f"the backbone's architecture must be a name or module:callable, got {arch!r}")
     kwargs: dict[str, Any] = {}
     if source.get("num_classes") is not None:
-        kwargs["num_classes"] = int(source["num_classes"])
+        kwargs["num_classes"] = _num_classes(source["num_classes"])
+    factory = load_factory(arch) if is_factory(arch) else None  # before seeding: importing may draw numbers
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(source.get("seed") or 0))
-        if ":" in arch:
-            module_name, _, attr = arch.partition(":")
+        if factory is not None:
             try:
-                factory = getattr(importlib.import_module(module_name), attr)
-            except (ImportError, AttributeError) as exc:
-                raise BackboneError(f"cannot import backbone factory {arch!r}: {exc}") from None
-            model = factory(**kwargs)
+                model = factory(**kwargs)
+            except Exception as exc:  # the factory is code of any kind; its failure is reported, not raised
+                given = f" with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}" if kwargs else ""
+                raise BackboneError(f"calling backbone factory {arch!r}{given} failed: {_first_line(exc)}") from None
         elif arch in ("resnet_small", "vit_small"):
             model = globals()[arch](**kwargs)
         else:
             import torchvision
 
+            if arch not in torchvision.models.list_models():
+                raise BackboneError(
+                    f"unknown architecture {arch!r}: give a catalogue name ({', '.join(CATALOGUE)}), a "
+                    "torchvision.models name or module:callable"
+                )
             try:
                 weights = source.get("torchvision_weights")
                 model = torchvision.models.get_model(arch, weights=weights, **kwargs)
-            except ValueError as exc:
-                raise BackboneError(f"unknown torchvision architecture {arch!r}: {exc}") from None
+            except (ValueError, TypeError) as exc:  # weights that do not exist or do not fit num_classes
+                raise BackboneError(f"cannot build torchvision {arch!r}: {_first_line(exc)}") from None
+    if not isinstance(model, nn.Module):
+        raise BackboneError(f"backbone factory {arch!r} returned a {type(model).__name__}, not a torch.nn.Module")
     if source.get("weights"):
         load_weights(model, source["weights"])
     return model.eval()
@@ -143,12 +260,20 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def rebuild(name: str, source: dict[str, Any] | None, fingerprint: str) -> nn.Module:
-    """A registered backbone rebuilt from its record, refused unless its fingerprint is the recorded one."""
+def rebuild(name: str, source: dict[str, Any] | None, fingerprint: str, *, trust_code: bool = False) -> nn.Module:
+    """A registered backbone rebuilt from its record, refused unless its fingerprint is the recorded one.
+
+    The registry may be shared, so a record's ``module:callable`` runs only where the local user allowed it:
+    ``trust_code=True`` (or inside :func:`trusting_code`), or the factory listed in
+    ``$ADAPTER_HUB_TRUSTED_FACTORIES`` or :func:`trusted_factories_file`. Otherwise UntrustedFactory is
+    raised before the module is imported. Catalogue and torchvision names always build."""
     from .formats import fingerprint as fingerprint_of
 
     if not source:
         raise BackboneError(f"backbone {name!r} was recorded by fingerprint only; it cannot be rebuilt here")
+    architecture = source.get("architecture")
+    if isinstance(architecture, str):
+        check_trusted(name, architecture, trust_code=trust_code)
     model = build_backbone(source)
     actual = fingerprint_of(model)
     if actual != fingerprint:

@@ -15,15 +15,16 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import backbones, data, training
+from . import backbones, checks, data, training
 from .compose import Stack, Switch
+from .errors import ConfigError
 from .lora import LoRAConfig
 from .model import AdapterModel
 from .registry import Hub
@@ -106,7 +107,7 @@ def _say(progress: bool, text: str) -> None:
 
 def run_demo(hub: Hub, settings: DemoSettings | None = None) -> DemoResult:
     """Run (or, where the registry already holds it, reuse) every step of the scenario."""
-    s = settings or DemoSettings()
+    s = _checked(settings or DemoSettings(), hub)
     start = time.perf_counter()
     torch.manual_seed(s.seed)
     entry = backbones.entry(s.architecture)
@@ -311,6 +312,23 @@ def run_demo(hub: Hub, settings: DemoSettings | None = None) -> DemoResult:
     result.lineage_root = f"{task_name(MERGED[0])}/lora-r{s.rank}@{ALIAS}"
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _checked(s: DemoSettings, hub: Hub) -> DemoSettings:
+    """The settings, refused before the first epoch when a value is out of range (or the registry home,
+    where the backbone's weights go, cannot be written)."""
+    if s.backbone not in ("resnet", "vit"):
+        raise ConfigError(f"the demo's backbone is resnet or vit, got {s.backbone!r}")
+    checks.writable_dir(hub.home / "backbones", "registry home")
+    return replace(
+        s,
+        rank=checks.whole("rank", s.rank, low=1, high=256),
+        alpha=checks.number("alpha", s.alpha, above=0),
+        epochs=checks.whole("epochs", s.epochs, low=1, high=100),
+        backbone_epochs=checks.whole("backbone epochs", s.backbone_epochs, low=1, high=100),
+        lr=checks.number("lr", s.lr, above=0),
+        seed=checks.seed(s.seed),
+    )
 
 
 def _fresh_head(backbone: nn.Module, path: str) -> nn.Module:

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from . import checks
 from .backbones import rebuild
 from .errors import ConfigError
 from .lora import LoRAConfig
 from .model import AdapterModel
 from .registry import Hub
 from .registry.records import Parent, Version
+from .registry.refs import adapter_path, check_key
 
 
-def model_for(hub: Hub, version: Version) -> AdapterModel:
-    """An AdapterModel on the backbone a version was made for, rebuilt from the registry's record."""
+def model_for(hub: Hub, version: Version, *, trust_code: bool = False) -> AdapterModel:
+    """An AdapterModel on the backbone a version was made for, rebuilt from the registry's record (a
+    ``module:callable`` there runs only if allowed: see :func:`adapter_hub.backbones.rebuild`)."""
     record = hub.backbone(version.backbone)
-    return AdapterModel(rebuild(record.name, record.source, record.fingerprint))
+    return AdapterModel(rebuild(record.name, record.source, record.fingerprint, trust_code=trust_code))
 
 
 def compose_refs(
@@ -29,29 +32,37 @@ def compose_refs(
     rank: int | None = None,
     head: str | None = None,
     seed: int = 0,
+    key: str | None = None,
 ) -> Version:
     """Combine registered versions into a new registered version ``output`` (TASK/ADAPTER), with a
     ``composed_from`` edge to each source carrying its weight, the method and its parameters."""
-    task, _, name = output.partition("/")
-    if not task or not name or "@" in name or ":" in name:
-        raise ConfigError(f"-o takes TASK/ADAPTER, got {output!r}")
+    # everything a user gave is checked before any backbone is rebuilt or adapter combined
+    task, name = adapter_path(output, "-o")
+    hub.task(task)
     if len(refs) < 2:
         raise ConfigError("compose needs at least two versions")
+    weights = checks.weights(weights, len(refs))
+    if density is not None:
+        density = checks.number("density", density, above=0, at_most=1)
+    if rank is not None:
+        rank = checks.whole("rank", rank, low=1)
+    seed = checks.seed(seed)
+    if key is not None:
+        check_key(key)
     versions = [hub.resolve(ref) for ref in refs]
+    names = [f"source{i}" for i in range(len(versions))]
+    head_name = head
+    if head:
+        wanted, refs_in = hub.resolve(head).ref, [v.ref for v in versions]
+        if wanted not in refs_in:
+            raise ConfigError(f"--head {head} is not one of the composed versions")
+        head_name = names[refs_in.index(wanted)]
     fingerprints = {v.fingerprint for v in versions}
     if len(fingerprints) > 1:
         raise ConfigError("the versions were made for different backbones; they cannot be combined")
     model = model_for(hub, versions[0])
-    names = [f"source{i}" for i in range(len(versions))]
     for version, local in zip(versions, names):
         hub.load_into(model, version.ref, name=local)
-    head_name = head
-    if head:
-        wanted = hub.resolve(head).ref
-        refs_in = [v.ref for v in versions]
-        if wanted not in refs_in:
-            raise ConfigError(f"--head {head} is not one of the composed versions")
-        head_name = names[refs_in.index(wanted)]
     params = {"density": density, "rank": rank, "seed": seed, "head": head_name}
     combined = model.combine("combined", names, weights, method, **{k: v for k, v in params.items() if v is not None})
     recipe = combined.metadata["recipe"]
@@ -61,7 +72,7 @@ def compose_refs(
     ]
     return hub.register(model, "combined", task=task, name=name, parents=parents,
                         metrics={"compose/rel_error": recipe["rel_error"]},
-                        description=f"{method} of {', '.join(v.ref for v in versions)}")  # fmt: skip
+                        description=f"{method} of {', '.join(v.ref for v in versions)}", key=key)  # fmt: skip
 
 
 def train_adapter(
@@ -80,6 +91,7 @@ def train_adapter(
     full: bool = False,
     progress: bool = True,
     say: Callable[[str], None] | None = None,
+    key: str | None = None,
 ) -> Version | None:
     """Train TASK/ADAPTER on an ImageFolder directory over a registered backbone and register it, with
     its metrics; ``from_ref`` starts from an existing version (``transferred_from`` another task,
@@ -93,28 +105,35 @@ def train_adapter(
 
     from . import backbones, data, distributed, training
 
-    distributed.setup()
-    task, _, name = output.partition("/")
-    if not task or not name or "@" in name or ":" in name:
-        raise ConfigError(f"train takes TASK/ADAPTER, got {output!r}")
+    # every name, ref, number and path is checked before the data is read or a step is taken
+    task, name = adapter_path(output, "train")
+    rank = checks.whole("rank", rank, low=1)
+    alpha = checks.number("alpha", alpha, above=0)
+    epochs = checks.whole("epochs", epochs, low=1)
+    lr = checks.number("lr", lr, above=0)
+    seed = checks.seed(seed)
+    if key is not None:
+        check_key(key)
+    checks.directory(data_dir)
     task_record = hub.task(task)
     record = hub.backbone(backbone)
-    num_classes = (task_record.output or {}).get("num_classes")
-    dataset = data.load_imagefolder(data_dir, num_classes=num_classes)
-    model = AdapterModel(rebuild(record.name, record.source, record.fingerprint))
+    parent = hub.resolve(from_ref) if from_ref is not None else None
+    if parent is not None and parent.fingerprint != record.fingerprint:
+        raise ConfigError(f"--from {parent.ref} was made for backbone {parent.backbone!r}, not {backbone!r}")
     entry = backbones.CATALOGUE.get((record.source or {}).get("architecture", ""))
     head_path = entry.head if entry else None
     if head_path is None:
         raise ConfigError(f"backbone {backbone!r} is not in the catalogue: pass --targets and use the Python API")
+    distributed.setup()
+    num_classes = (task_record.output or {}).get("num_classes")
+    dataset = data.load_imagefolder(data_dir, num_classes=num_classes)
+    model = AdapterModel(rebuild(record.name, record.source, record.fingerprint))
     head = model.backbone.get_submodule(head_path)
     torch.manual_seed(seed)  # the new head and LoRA factors: the same seed gives the same version
     new_head = nn.Linear(head.in_features, dataset.num_classes)
     parents = []
     metrics: dict[str, float] = {}
-    if from_ref is not None:
-        parent = hub.resolve(from_ref)
-        if parent.fingerprint != record.fingerprint:
-            raise ConfigError(f"--from {parent.ref} was made for backbone {parent.backbone!r}, not {backbone!r}")
+    if parent is not None:
         hub.load_into(model, parent.ref, name="parent")
         training.transfer_init(model, "parent", "adapter", head_modules={head_path: new_head})
         relation = "finetuned_from" if parent.task == task else "transferred_from"
@@ -125,12 +144,12 @@ def train_adapter(
         config = LoRAConfig(r=rank, alpha=alpha, targets=list(targets or entry.targets), heads=[head_path])
         model.add_adapter("adapter", config, head_modules={head_path: new_head})
     model.activate("adapter")
-    if say is not None and distributed.is_main():
-        _, size = distributed.world()
-        where = f" in {size} processes" if size > 1 else ""
-        say(f"training {output} on {len(dataset.train)} images ({model.num_trainable_parameters('adapter'):,} "
-            f"trainable parameters){where}; Ctrl-C stops without registering")  # fmt: skip
     with training.interruptible():  # Ctrl-C anywhere before register leaves the registry as it was
+        if say is not None and distributed.is_main():  # inside: a Ctrl-C right after the message is covered
+            _, size = distributed.world()
+            where = f" in {size} processes" if size > 1 else ""
+            say(f"training {output} on {len(dataset.train)} images ({model.num_trainable_parameters('adapter'):,} "
+                f"trainable parameters){where}; Ctrl-C stops without registering")  # fmt: skip
         fit = training.fit(model, dataset.train, dataset.val, epochs=epochs, lr=lr, seed=seed, progress=progress,
                            description=output)  # fmt: skip
         metrics.update({"val/accuracy": fit.best_accuracy, "test/accuracy": training.evaluate(model, dataset.test),
@@ -146,7 +165,7 @@ def train_adapter(
         distributed.barrier()  # rank 0 registers; the others wait for it
         return None
     version = hub.register(model, "adapter", task=task, name=name, parents=parents, metrics=metrics,
-                           backbone=backbone)  # fmt: skip
+                           backbone=backbone, key=key)  # fmt: skip
     distributed.barrier()
     return version
 
@@ -156,6 +175,9 @@ def evaluate_ref(hub: Hub, ref: str, data_dir: str, *, split: str = "test") -> t
     from . import data, training
 
     version = hub.resolve(ref)
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"split must be train, val or test, got {split!r}")
+    checks.directory(data_dir)
     model = model_for(hub, version)
     hub.load_into(model, version.ref, name="adapter")
     task = hub.task(version.task)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import checks
 from .data import DataError, image_transform
 from .errors import ConfigError
 from .registry import Hub
@@ -96,17 +97,27 @@ def _from_folders(root: Path, tasks: Sequence[str]) -> list[Item]:
 
 
 def predict_refs(
-    hub: Hub, refs: Sequence[str], source: str | Path, *, switch: bool = True, batch_size: int = 256
+    hub: Hub,
+    refs: Sequence[str],
+    source: str | Path,
+    *,
+    switch: bool = True,
+    batch_size: int = 256,
+    output: str | Path | None = None,
 ) -> PredictResult:
     """Route every input of ``source`` to the version for its task and predict a class.
 
     ``switch=True`` runs mixed batches through a Switch over all versions (one forward per batch);
-    ``switch=False`` runs each version on its own inputs in turn. Both give the same predictions."""
+    ``switch=False`` runs each version on its own inputs in turn. Both give the same predictions.
+    ``output``: a CSV file the predictions are written to (its folder is checked before any work)."""
     from .compose import Switch
     from .pipelines import model_for
 
     if not refs:
         raise ConfigError("predict needs at least one version")
+    batch_size = checks.whole("batch_size", batch_size, low=1)
+    if output is not None:
+        checks.writable_file(output, "-o")
     versions = [hub.resolve(ref) for ref in refs]
     by_task: dict[str, Version] = {}
     for v in versions:
@@ -154,6 +165,8 @@ def predict_refs(
         pairs = [(p, it.label) for it, p in zip(items, predicted) if it.task == task]
         labelled = bool(pairs) and all(y is not None for _, y in pairs)
         result.accuracy[v.ref] = sum(p == y for p, y in pairs) / len(pairs) if labelled else None
+    if output is not None:
+        write_predictions(result, output)
     return result
 
 
@@ -176,8 +189,11 @@ def _load(items: Sequence[Item], transform) -> torch.Tensor:
 def write_predictions(result: PredictResult, path: str | Path) -> Path:
     """One CSV row per input: path, task, ref, predicted class, label (empty where unknown)."""
     path = Path(path)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "task", "ref", "predicted", "label"])
-        writer.writeheader()
-        writer.writerows(result.rows())
+    try:
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["path", "task", "ref", "predicted", "label"])
+            writer.writeheader()
+            writer.writerows(result.rows())
+    except OSError as exc:  # checked before predicting, but a disk can still fill up
+        raise ConfigError(f"cannot write predictions to {path}: {exc.strerror or exc}") from None
     return path

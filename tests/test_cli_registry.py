@@ -30,6 +30,7 @@ def cli(home: Path, *args: str, ok: bool = True, db: str | None = None) -> subpr
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     env.pop("ADAPTER_HUB_DB", None)
     env["COLUMNS"] = "200"
+    env["ADAPTER_HUB_TRUSTED_FACTORIES"] = "conftest:tiny_backbone"  # export/import rebuild the tests' own factory
     cmd = [sys.executable, "-m", "adapter_hub.cli", "--home", str(home), *(["--db", db] if db else []), *args]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert "Traceback" not in run.stderr, run.stderr
@@ -122,7 +123,7 @@ def test_export_and_import_roundtrip(home: Path, tmp_path: Path) -> None:
         ("export", "digits/lora:2", str(tmp_path / "file")),
         ("export", "digits/lora:2", str(tmp_path / "peft"), "--format", "peft"),
     )
-    exported = (tmp_path / "file" / "lora-v2.safetensors").read_bytes()
+    exported = (tmp_path / "file" / "digits+lora-v2.safetensors").read_bytes()
     with Hub.open(home) as hub:
         assert hashlib.sha256(exported).hexdigest() == hub.resolve("digits/lora:2").digest
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -186,6 +187,8 @@ def test_db_upgrade_and_current(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{home / 'hub.db'}")
     with engine.connect() as conn:
         assert schema.schema_state(conn).up_to_date
+    with Hub.open(home) as hub:
+        hub.add_task("digits")  # an older database holding data is never migrated without being asked
     schema.downgrade(engine, "0001")
     engine.dispose()
     with ThreadPoolExecutor(max_workers=2) as pool:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from adapter_hub.lora import LoRAConfig
 from adapter_hub.model import AdapterModel
 from adapter_hub.registry import Hub
+from adapter_hub.registry.models import VersionRow
 
 # Workers are forked from a server that has already imported torch: fast to start, and no fork of a
 # process whose thread pools are running.
@@ -148,7 +149,11 @@ def _register_then_hang(home: str, url: str, phase: str, reached: Any) -> None:
         real_replace = os.replace
         os.replace = lambda a, b: (real_replace(a, b), hang())  # type: ignore[assignment]
     else:  # "row-flushed": the version row is inserted in the open transaction, not committed
-        event.listen(Session, "after_flush", lambda *_: hang())
+        def hang_on_version(session: Session, _ctx: Any) -> None:
+            if any(isinstance(obj, VersionRow) for obj in session.new):  # not the upload row before it
+                hang()
+
+        event.listen(Session, "after_flush", hang_on_version)
     hub.register(model, "a", task="t", name="crash")
 
 

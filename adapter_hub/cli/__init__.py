@@ -22,11 +22,18 @@ from .transfer import export, import_
 @click.option("--home", envvar="ADAPTER_HUB_HOME", help="Registry home (hub.db, artifacts/). [~/.adapter_hub]")
 @click.option("--db", envvar="ADAPTER_HUB_DB", help="Database as a SQLAlchemy URL. [sqlite:///HOME/hub.db]")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@click.option("--trust-code", is_flag=True,
+              help="Run the module:callable factory a registered backbone names (code from the registry).")  # fmt: skip
 @click.pass_context
-def main(ctx: click.Context, home: str | None, db: str | None, as_json: bool) -> None:
+def main(ctx: click.Context, home: str | None, db: str | None, as_json: bool, trust_code: bool) -> None:
     """One frozen backbone, many LoRA adapters."""
     state = ctx.ensure_object(State)
     state.home, state.db, state.json = home, db, as_json or state.json
+    state.trust_code = trust_code or state.trust_code
+    if state.trust_code:
+        from ..backbones import trusting_code  # torch is imported only when needed
+
+        ctx.with_resource(trusting_code())  # every rebuild of this command, until it ends
 
 
 _COMMANDS = (demo, db, backbone, task, ls, show, versions, lineage, metrics, alias, tag, verify, gc, rm, export)

@@ -9,13 +9,17 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 from .. import errors
+from ..registry.render import visible
 
 
 def one_line(exc: BaseException) -> str:
+    """The error as one line, control characters escaped: a message may quote stored text (a path in a
+    registry record, a database's own words), which must not reach the terminal raw."""
     text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+    return visible(text or type(exc).__name__, 2000)
 
 
 class HubGroup(click.Group):
@@ -35,6 +39,7 @@ class State:
     home: str | None = None
     db: str | None = None
     json: bool = False
+    trust_code: bool = False  # --trust-code: rebuilds may run a registry record's module:callable
     _hub: Any = field(default=None, repr=False)
 
     def hub(self) -> Any:
@@ -43,6 +48,8 @@ class State:
 
             self._hub = Hub.open(self.home, self.db)
             click.get_current_context().call_on_close(self._hub.close)
+            if self._hub.read_only:  # said once; a write then fails with its own one line
+                click.echo(f"note: registry {self._hub.where} is read-only here: reading only", err=True)
         return self._hub
 
     def locate(self) -> tuple[Any, str]:
@@ -66,6 +73,32 @@ def json_option(f: Any) -> Any:
 
 def console() -> Console:
     return Console(soft_wrap=False)
+
+
+# A table cell shows at most this many characters of a stored string (then "… (N chars)"); --json has it all.
+CELL_LIMIT = 200
+
+
+def plain(value: Any, limit: int | None = None) -> str:
+    """A user-set string for click.echo: control characters (ANSI escapes included) as visible escapes,
+    cut after LIMIT characters when one is given."""
+    return visible(str(value), limit)
+
+
+def cell(value: Any, *, limit: int | None = CELL_LIMIT, style: str = "") -> Text:
+    """A user-set string for a rich table, title or tree: a Text, so it is never read as markup ("[/bold]" and
+    "[link=…]" print literally); only STYLE, ours, is applied. Refs and names (letters, digits, '.', '_', '-',
+    at most 200 each) pass limit=None, so that they can be copied whole."""
+    return Text(plain(value, limit), style=style)
+
+
+def key_option(f: Any) -> Any:
+    """`--key` on a command that registers a version."""
+    return click.option(
+        "--key",
+        help="Registration key (up to 64 characters): running the command again with the same key returns the "
+        "version it made instead of adding another, e.g. after a lost connection.",
+    )(f)
 
 
 def emit_json(data: Any) -> None:

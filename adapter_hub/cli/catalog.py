@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ._app import State, console, emit_json, json_option, pass_state, short, when
+from ._app import CELL_LIMIT, State, cell, console, emit_json, json_option, pass_state, plain, short, when
 
 
 @click.group()
@@ -72,7 +72,8 @@ def backbone_ls(state: State) -> None:
     table = Table("name", "architecture", "fingerprint", "weights", "added", title="backbones")
     for r in records:
         weights = (r.source or {}).get("weights") or "-"
-        table.add_row(r.name, r.architecture or "-", short(r.fingerprint), weights, when(r.created_at))
+        architecture = cell(r.architecture or "-")
+        table.add_row(cell(r.name), architecture, short(r.fingerprint), cell(weights), when(r.created_at))
     console().print(table)
 
 
@@ -121,6 +122,7 @@ def task_ls(state: State) -> None:
     table = Table("name", "domain", "output", "metric", "description", title="tasks")
     for r in records:
         output = ", ".join(f"{k}={v}" for k, v in (r.output or {}).items()) or "-"
-        metric = f"{r.metric} ({r.direction})" if r.metric else "-"
-        table.add_row(r.name, r.domain or "-", output, metric, r.description or "")
+        metric = f"{plain(r.metric, CELL_LIMIT)} ({r.direction})" if r.metric else "-"
+        description = cell(r.description or "")
+        table.add_row(cell(r.name), cell(r.domain or "-"), cell(output), cell(metric, limit=None), description)
     console().print(table)

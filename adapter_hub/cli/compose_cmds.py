@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ._app import State, emit_json, pass_state
+from ..errors import ConfigError
+from ._app import State, emit_json, key_option, pass_state
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
@@ -15,7 +16,7 @@ def _weights(text: str | None) -> list[float] | None:
     try:
         return [float(w) for w in text.split(",")]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+        raise ConfigError(f"--weights takes comma-separated numbers, got {text!r}") from None
 
 
 @click.group()
@@ -38,10 +39,12 @@ def _run(state: State, refs: tuple[str, ...], output: str, weights: str | None, 
 @click.option("-o", "--output", required=True, help="TASK/ADAPTER of the new version.")
 @click.option("--weights", help="Comma-separated weights (default 1 each; negative removes a task).")
 @click.option("--head", help="REF whose head the result keeps ('' for none); default: averaged.")
+@key_option
 @pass_state
-def stack(state: State, refs: tuple[str, ...], output: str, weights: str | None, head: str | None) -> None:
+def stack(state: State, refs: tuple[str, ...], output: str, weights: str | None, head: str | None,
+          key: str | None) -> None:  # fmt: skip
     """Register the exact sum Σ wᵢ·ΔWᵢ of REFS (rank Σrᵢ) as one adapter."""
-    _run(state, refs, output, weights or ",".join(["1"] * len(refs)), "linear", head=head)
+    _run(state, refs, output, weights or ",".join(["1"] * len(refs)), "linear", head=head, key=key)
 
 
 @compose.command("average")
@@ -49,12 +52,13 @@ def stack(state: State, refs: tuple[str, ...], output: str, weights: str | None,
 @click.option("-o", "--output", required=True, help="TASK/ADAPTER of the new version.")
 @click.option("--weights", help="Comma-separated weights (default 1/n each).")
 @click.option("--method", type=click.Choice(METHODS), default="linear", show_default=True)
-@click.option("--density", type=click.FloatRange(0, 1, min_open=True), help="ties, dare_*, magnitude_prune.")
-@click.option("--rank", type=click.IntRange(min=1), help="svd and the dense methods: rank of the result.")
+@click.option("--density", type=float, help="ties, dare_*, magnitude_prune: in (0, 1].")
+@click.option("--rank", type=int, help="svd and the dense methods: rank of the result (at least 1).")
 @click.option("--seed", type=int, default=0, show_default=True, help="dare_*: seed of the drop mask.")
 @click.option("--head", help="REF whose head the result keeps ('' for none); default: averaged.")
+@key_option
 @pass_state
 def average(state: State, refs: tuple[str, ...], output: str, weights: str | None, method: str,
-            density: float | None, rank: int | None, seed: int, head: str | None) -> None:  # fmt: skip
+            density: float | None, rank: int | None, seed: int, head: str | None, key: str | None) -> None:  # fmt: skip
     """Combine REFS into one adapter by METHOD, on each layer's full delta."""
-    _run(state, refs, output, weights, method, density=density, rank=rank, seed=seed, head=head)
+    _run(state, refs, output, weights, method, density=density, rank=rank, seed=seed, head=head, key=key)

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import click
 from rich.table import Table
+from rich.text import Text
 
-from ._app import State, console, emit_json, pass_state
+from ._app import State, cell, console, emit_json, pass_state, plain
 
 
 @click.command()
 @click.option("--backbone", type=click.Choice(["resnet", "vit"]), default="resnet", show_default=True,
               help="A small torchvision ResNet or VisionTransformer for 8 px digits.")  # fmt: skip
-@click.option("--epochs", type=click.IntRange(1, 100), default=8, show_default=True,
-              help="Epochs per adapter (and for the full fine-tune).")  # fmt: skip
-@click.option("--backbone-epochs", type=click.IntRange(1, 100), default=8, show_default=True)
-@click.option("--rank", type=click.IntRange(1, 256), default=8, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=int, default=8, show_default=True,
+              help="Epochs per adapter (and for the full fine-tune), 1 to 100.")  # fmt: skip
+@click.option("--backbone-epochs", type=int, default=8, show_default=True, help="1 to 100.")
+@click.option("--rank", type=int, default=8, show_default=True, help="1 to 256.")
+@click.option("--seed", type=int, default=0, show_default=True, help="0 to 2**63-1.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 @pass_state
@@ -47,7 +48,7 @@ def demo(state: State, backbone: str, epochs: int, backbone_epochs: int, rank: i
 
     for r in result.rows:
         steps = f"{r.steps_fresh}→{r.steps_transfer}" if r.steps_fresh is not None else "—"
-        table.add_row(r.task, pct(r.head_only), pct(r.lora), pct(r.full), pct(r.transfer), pct(r.merged),
+        table.add_row(cell(r.task), pct(r.head_only), pct(r.lora), pct(r.full), pct(r.transfer), pct(r.merged),
                       pct(r.switched), steps)  # fmt: skip
     table.caption = ("head: head-only probe · LoRA: conv-LoRA r=8 + head · full FT: every weight · transfer: "
                      "LoRA started from the rotated adapter · TIES: 3-task average, own head · switch: per-sample "
@@ -62,10 +63,10 @@ def demo(state: State, backbone: str, epochs: int, backbone_epochs: int, rank: i
     for col in ("goal", "measured", "met"):
         goals.add_column(col)
     for goal, measured, ok in result.goals():
-        goals.add_row(goal, measured, "yes" if ok else "[bold]no[/bold]")
+        goals.add_row(cell(goal), cell(measured), Text("yes") if ok else Text("no", style="bold"))
     out.print(goals)
     from .inspect_cmds import _tree
 
     out.print(_tree(hub.lineage(result.lineage_root)))
-    out.print(f"{len(result.trained)} trained and registered, {len(result.reused)} reused from {hub.home}; "
-              f"{result.seconds:.0f} s")  # fmt: skip
+    out.print(f"{len(result.trained)} trained and registered, {len(result.reused)} reused from {plain(hub.home)}; "
+              f"{result.seconds:.0f} s", markup=False)  # fmt: skip

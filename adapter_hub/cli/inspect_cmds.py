@@ -8,12 +8,17 @@ from pathlib import Path
 
 import click
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from ..registry import Lineage, Version
 from ..registry.errors import RegistryError
 from ..registry.render import to_dot, to_mermaid
-from ._app import State, console, emit_json, json_option, pass_state, short, size, when
+from ._app import CELL_LIMIT, State, cell, console, emit_json, json_option, pass_state, plain, short, size, when
+
+# `show` is where a record is read in full, so it shows more of each long value (folded over lines) than a
+# listing's cells do; --json has everything.
+SHOW_LIMIT = 1000
 
 
 @click.command()
@@ -30,7 +35,8 @@ def ls(state: State, task: str | None) -> None:
     for r in rows:
         aliases = ", ".join(f"{a}→{n}" for a, n in r.aliases.items()) or "-"
         latest = str(r.latest) if r.latest is not None else "-"
-        table.add_row(f"{r.task}/{r.name}", str(r.versions), latest, aliases, when(r.updated_at))
+        adapter = cell(f"{r.task}/{r.name}", limit=None)
+        table.add_row(adapter, str(r.versions), latest, cell(aliases), when(r.updated_at))
     console().print(table)
 
 
@@ -54,9 +60,9 @@ def show(state: State, ref: str) -> None:
             }
         )
         return
-    table = Table(show_header=False, title=v.ref, title_justify="left")
+    table = Table(show_header=False, title=cell(v.ref, limit=None), title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")
     fields = [
         ("status", v.status),
         ("backbone", f"{v.backbone} ({short(v.fingerprint)})"),
@@ -64,7 +70,7 @@ def show(state: State, ref: str) -> None:
         ("trainable params", f"{v.trainable_params:,}" if v.trainable_params is not None else "-"),
         ("config", ", ".join(f"{k}={val}" for k, val in (v.config or {}).items() if val not in ({}, [], None))),
         ("aliases", ", ".join(v.aliases) or "-"),
-        ("tags", ", ".join(f"{k}={val}" for k, val in v.tags.items()) or "-"),
+        ("tags", ", ".join(f"{plain(k, CELL_LIMIT)}={plain(val, CELL_LIMIT)}" for k, val in v.tags.items()) or "-"),
         ("created", f"{when(v.created_at)} by {v.created_by or '?'}"),
         ("description", v.description or "-"),
     ]
@@ -76,7 +82,7 @@ def show(state: State, ref: str) -> None:
         step = f" step {m.step}" if m.step is not None else ""
         fields.append(("metric", f"{m.name} = {m.value:.6g}{step}"))
     for key, value in fields:
-        table.add_row(key, value)
+        table.add_row(key, cell(value, limit=SHOW_LIMIT))
     console().print(table)
 
 
@@ -92,18 +98,19 @@ def versions(state: State, adapter: str, include_deleted: bool) -> None:
     if state.json:
         emit_json([v.to_dict() for v in rows])
         return
-    table = Table("version", "status", "created", "backbone", "digest", "size", "params", "aliases", title=adapter)
+    headers = ("version", "status", "created", "backbone", "digest", "size", "params", "aliases")
+    table = Table(*headers, title=cell(adapter, limit=None))
     for v in rows:
         params = f"{v.trainable_params:,}" if v.trainable_params is not None else "-"
         table.add_row(
             str(v.number),
             v.status,
             when(v.created_at),
-            v.backbone,
+            cell(v.backbone),
             short(v.digest),
             size(v.size),
             params,
-            ", ".join(v.aliases) or "-",
+            cell(", ".join(v.aliases) or "-"),
         )
     console().print(table)
 
@@ -115,9 +122,11 @@ def _edge_label(edge: object) -> str:
     return relation + (f", {', '.join(extra)}" if extra else "")
 
 
-def _label(v: Version, root: str) -> str:
-    text = f"[bold]{v.ref}[/bold]" if v.ref == root else v.ref
-    return text + (f" [dim]({v.status})[/dim]" if v.status != "ready" else "")
+def _label(v: Version, root: str) -> Text:
+    text = cell(v.ref, limit=None, style="bold" if v.ref == root else "")
+    if v.status != "ready":
+        text.append(f" ({v.status})", style="dim")
+    return text
 
 
 def _tree(graph: Lineage) -> Tree:
@@ -126,7 +135,8 @@ def _tree(graph: Lineage) -> Tree:
     def grow(node: Tree, ref: str, up: bool, path: frozenset[str]) -> None:
         for edge in graph.parents(ref) if up else graph.children(ref):
             nxt = edge.parent if up else edge.child
-            branch = node.add(f"{_label(graph.versions[nxt], graph.root)}  [dim]{_edge_label(edge)}[/dim]")
+            label = _label(graph.versions[nxt], graph.root)
+            branch = node.add(Text.assemble(label, "  ", cell(_edge_label(edge), style="dim")))
             if nxt not in path:
                 grow(branch, nxt, up, path | {nxt})
 
@@ -176,7 +186,7 @@ def _png(dot_source: str, output: str | None) -> None:
     proc = subprocess.run([exe, "-Tpng", "-o", output], input=dot_source.encode(), capture_output=True)
     if proc.returncode != 0:
         raise RegistryError(f"dot failed: {proc.stderr.decode(errors='replace').strip()}")
-    click.echo(f"wrote {output}")
+    click.echo(f"wrote {plain(output)}")
 
 
 @click.command()
@@ -190,14 +200,16 @@ def metrics(state: State, refs: tuple[str, ...], names: tuple[str, ...]) -> None
     if state.json:
         emit_json(table_data.to_dict())
         return
-    table = Table("metric", *table_data.refs, title="metrics")
+    table = Table("metric", title="metrics")
+    for ref in table_data.refs:
+        table.add_column(cell(ref, limit=None))
     for name, split in table_data.rows:
         key = table_data.key(name, split)
         label = name if not split or name.startswith(f"{split}/") else f"{name} [{split}]"
-        cells = []
+        cells: list[Text] = []
         for ref in table_data.refs:
             value = table_data.values[key].get(ref)
-            cell = "-" if value is None else f"{value:.4g}"
-            cells.append(f"[bold green]{cell}[/bold green]" if table_data.best.get(key) == ref else cell)
-        table.add_row(label, *cells)
+            text = "-" if value is None else f"{value:.4g}"
+            cells.append(Text(text, style="bold green" if table_data.best.get(key) == ref else ""))
+        table.add_row(cell(label), *cells)
     console().print(table)

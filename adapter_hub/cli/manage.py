@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..registry.errors import RegistryError
-from ._app import State, emit_json, json_option, pass_state, size
+from ._app import CELL_LIMIT, State, emit_json, json_option, pass_state, plain, size
 
 
 @click.group()
@@ -29,7 +29,7 @@ def alias_set(state: State, ref: str, name: str) -> None:
 def alias_rm(state: State, ref: str) -> None:
     """Remove alias TASK/ADAPTER@NAME."""
     state.hub().remove_alias(ref)
-    click.echo(f"removed {ref}")
+    click.echo(f"removed {plain(ref)}")
 
 
 @click.group()
@@ -52,7 +52,8 @@ def tag_set(state: State, ref: str, pairs: tuple[str, ...]) -> None:
     hub = state.hub()
     for key, value in parsed:
         v = hub.set_tag(ref, key, value)
-    click.echo(f"{v.ref}: " + ", ".join(f"{k}={val}" for k, val in v.tags.items()))
+    shown = (f"{plain(k, CELL_LIMIT)}={plain(val, CELL_LIMIT)}" for k, val in v.tags.items())
+    click.echo(f"{v.ref}: " + ", ".join(shown))
 
 
 @click.command()
@@ -82,7 +83,7 @@ def verify(state: State, ref: str | None, check_all: bool) -> None:
         emit_json({"ok": not problems, "problems": [p.to_dict() for p in problems]})
     else:
         for p in problems:
-            click.echo(f"{p.ref}: {p.problem}", err=True)
+            click.echo(f"{p.ref}: {plain(p.problem)}", err=True)
         if not problems:
             click.echo(f"{ref or 'all artifacts'}: ok")
     if problems:
@@ -105,4 +106,5 @@ def gc(state: State, grace: float, purge_deleted: bool, dry_run: bool) -> None:
     click.echo(
         f"{verb} {len(report.removed)} blob(s) and {report.temp_files} temp file(s), {size(report.freed_bytes)}"
         + (f"; purged {len(report.purged_versions)} deleted version(s)" if report.purged_versions else "")
+        + (f"; expired {report.expired_uploads} unfinished upload(s)" if report.expired_uploads else "")
     )

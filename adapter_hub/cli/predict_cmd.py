@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ._app import State, console, emit_json, pass_state
+from ._app import State, cell, console, emit_json, pass_state, plain
 
 
 @click.command()
@@ -21,11 +21,9 @@ from ._app import State, console, emit_json, pass_state
 @pass_state
 def predict(state: State, refs: tuple[str, ...], source: Path, switch: bool, output: Path | None) -> None:
     """Predict with REFS (one version per task) on DATA, routing every input to its task's version."""
-    from ..predict import predict_refs, write_predictions
+    from ..predict import predict_refs
 
-    result = predict_refs(state.hub(), list(refs), source, switch=switch)
-    if output is not None:
-        write_predictions(result, output)
+    result = predict_refs(state.hub(), list(refs), source, switch=switch, output=output)
     if state.json:
         emit_json({"switched": result.switched, "accuracy": result.accuracy, "predictions": result.rows()})
         return
@@ -35,7 +33,7 @@ def predict(state: State, refs: tuple[str, ...], source: Path, switch: bool, out
     for task, ref in result.refs.items():
         acc = result.accuracy[ref]
         count = sum(it.task == task for it in result.items)
-        table.add_row(ref, task, str(count), "-" if acc is None else f"{acc:.2%}")
+        table.add_row(cell(ref, limit=None), cell(task, limit=None), str(count), "-" if acc is None else f"{acc:.2%}")
     console().print(table)
     if output is not None:
-        click.echo(f"predictions written to {output}")
+        click.echo(f"predictions written to {plain(output)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._app import State, emit_json, pass_state
+from ._app import State, emit_json, key_option, pass_state
 
 
 @click.command()
@@ -12,16 +12,17 @@ from ._app import State, emit_json, pass_state
 @click.option("--backbone", required=True, help="A registered backbone (adapter-hub backbone add).")
 @click.option("--data", "data_dir", required=True, type=click.Path(), help="ImageFolder directory.")
 @click.option("--from", "from_ref", help="Start from this version (transfer or continued fine-tuning).")
-@click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--alpha", type=float, default=16.0, show_default=True)
+@click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank, at least 1.")
+@click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA scale alpha/rank; above 0.")
 @click.option("--targets", help="Comma-separated target patterns (default: the backbone's catalogue entry).")
-@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--lr", type=float, default=5e-3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=int, default=5, show_default=True, help="At least 1.")
+@click.option("--lr", type=float, default=5e-3, show_default=True, help="Learning rate, above 0.")
+@click.option("--seed", type=int, default=0, show_default=True, help="0 to 2**63-1.")
 @click.option("--full", is_flag=True, help="Also fine-tune the whole network as a baseline; its accuracy is logged.")
+@key_option
 @pass_state
 def train(state: State, output: str, backbone: str, data_dir: str, from_ref: str | None, rank: int, alpha: float,
-          targets: str | None, epochs: int, lr: float, seed: int, full: bool) -> None:  # fmt: skip
+          targets: str | None, epochs: int, lr: float, seed: int, full: bool, key: str | None) -> None:  # fmt: skip
     """Train a LoRA adapter for TASK on DATA over BACKBONE and register it as a new version.
 
     Under `torchrun --nproc_per_node N` the batches are split across N processes; only rank 0 registers."""
@@ -30,7 +31,7 @@ def train(state: State, output: str, backbone: str, data_dir: str, from_ref: str
     version = train_adapter(
         state.hub(), output, backbone=backbone, data_dir=data_dir, from_ref=from_ref, rank=rank, alpha=alpha,
         targets=targets.split(",") if targets else None, epochs=epochs, lr=lr, seed=seed, full=full,
-        progress=not state.json, say=lambda line: click.echo(line, err=True),
+        progress=not state.json, say=lambda line: click.echo(line, err=True), key=key,
     )  # fmt: skip
     if version is None:  # another process of a distributed run registered it
         return

@@ -8,40 +8,41 @@ from typing import Any
 import click
 
 from ..registry.errors import RegistryError
-from ._app import State, emit_json, pass_state
+from ._app import State, emit_json, key_option, pass_state, plain
 
 FORMATS = click.Choice(["safetensors", "peft"])
 
 
-def _model_on(hub: Any, backbone_name: str) -> Any:
+def _model_on(hub: Any, backbone_name: str, *, trust_code: bool = False) -> Any:
     from ..backbones import rebuild as build_checked
     from ..model import AdapterModel
 
     record = hub.backbone(backbone_name)
-    return AdapterModel(build_checked(record.name, record.source, record.fingerprint))
+    return AdapterModel(build_checked(record.name, record.source, record.fingerprint, trust_code=trust_code))
 
 
 @click.command()
 @click.argument("ref")
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=FORMATS, default="safetensors", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing exported file (or PEFT files in DEST).")
 @pass_state
-def export(state: State, ref: str, dest: str, fmt: str) -> None:
-    """Write version REF into directory DEST: its verified adapter file, or a PEFT LoRA directory."""
+def export(state: State, ref: str, dest: str, fmt: str, overwrite: bool) -> None:
+    """Write version REF into directory DEST: its verified adapter file DEST/TASK+ADAPTER-vN.safetensors, or
+    (--format peft) DEST as a PEFT LoRA directory. DEST is created if missing (its parent must exist); an
+    existing file, or a non-empty DEST for peft, is replaced only with --overwrite."""
+    from ..registry.export import export_version
+
     hub = state.hub()
-    out = Path(dest)
-    if fmt == "safetensors":
-        version, data = hub.read_artifact(ref)
-        out.mkdir(parents=True, exist_ok=True)
-        target = out / f"{version.adapter}-v{version.number}.safetensors"
-        target.write_bytes(data)
-    else:
-        version = hub.resolve(ref)
-        model = _model_on(hub, version.backbone)
-        hub.load_into(model, version.ref, name=version.adapter)
-        model.export_peft(version.adapter, out, base_model_name_or_path=version.backbone)
-        target = out
-    click.echo(f"exported {version.ref} to {target}")
+    version, target = export_version(
+        hub,
+        ref,
+        dest,
+        fmt=fmt,
+        overwrite=overwrite,
+        model_for=lambda backbone: _model_on(hub, backbone, trust_code=state.trust_code),
+    )
+    click.echo(f"exported {version.ref} to {plain(target)}")
 
 
 @click.command("import")
@@ -54,6 +55,7 @@ def export(state: State, ref: str, dest: str, fmt: str) -> None:
 @click.option("--parent", "parents", multiple=True, help="A registered version this one comes from.")
 @click.option("--description")
 @click.option("--force", is_flag=True, help="Load an adapter file made for another backbone.")
+@key_option
 @pass_state
 def import_(
     state: State,
@@ -66,13 +68,14 @@ def import_(
     parents: tuple[str, ...],
     description: str | None,
     force: bool,
+    key: str | None,
 ) -> None:
     """Register SOURCE (a PEFT directory or an adapter file) as a new version of TASK/ADAPTER."""
     hub = state.hub()
     src = Path(source).resolve()
     fmt = fmt or ("peft" if src.is_dir() else "safetensors")
     hub.task(task)  # fail before building anything
-    model = _model_on(hub, backbone)
+    model = _model_on(hub, backbone, trust_code=state.trust_code)
     if fmt == "peft":
         if not src.is_dir():
             raise RegistryError(f"a PEFT import needs a directory, got {src}")
@@ -87,6 +90,7 @@ def import_(
         parents=[(p, "imported_from") for p in parents],
         tags={"imported_from": f"{fmt}:{src}"},
         description=description,
+        key=key,
     )
     if state.json:
         emit_json(version.to_dict())

@@ -2,26 +2,64 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import math
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
+from sqlalchemy import text as sql
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DatabaseError, IntegrityError, InterfaceError, NoSuchModuleError
+from sqlalchemy.exc import DatabaseError, DBAPIError, IntegrityError, InterfaceError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import FingerprintMismatch
+from . import limits, schema
 from . import queries as q
-from . import schema
-from .db import WRITE, default_home, default_url, make_engine, parse_url
-from .errors import AlreadyExists, DatabaseUnreachable, NotFound, RegistryError
-from .models import DIRECTIONS, RELATIONS, AdapterRow, AliasRow, BackboneRow, EdgeRow, MetricRow, TagRow, TaskRow
+from .db import (
+    WRITE,
+    connection_failed,
+    default_home,
+    default_url,
+    make_engine,
+    parse_url,
+    sqlite_path,
+    sqlite_writable,
+    translate,
+)
+from .errors import (
+    AlreadyExists,
+    ArtifactError,
+    ConnectionLost,
+    DatabaseUnreachable,
+    NotFound,
+    ReadOnlyRegistry,
+    RegistryBusy,
+    RegistryError,
+    SchemaError,
+    StoreMismatch,
+)
+from .models import (
+    DIRECTIONS,
+    RELATIONS,
+    AdapterRow,
+    AliasRow,
+    BackboneRow,
+    EdgeRow,
+    MetricRow,
+    RegistryRow,
+    TagRow,
+    TaskRow,
+    UploadRow,
+    utcnow,
+)
 from .models import VersionRow as VRow
 from .records import (
     AdapterSummary,
@@ -35,9 +73,10 @@ from .records import (
     Problem,
     Task,
     Version,
+    aware,
 )
-from .refs import LATEST, Ref, check_name, parse_ref
-from .store import ArtifactStore
+from .refs import LATEST, Ref, check_key, check_name, parse_ref
+from .store import ArtifactStore, sha256_hex
 
 MAX_ATTEMPTS = 80
 ParentSpec = str | Parent | Sequence[Any] | Mapping[str, Any]
@@ -83,13 +122,26 @@ def _fingerprint_of(backbone: Any) -> str:
     return str(fingerprint(backbone))
 
 
-class Hub:
-    """The registry: a SQL database (any SQLAlchemy URL) plus a content-addressed artifact store."""
+class _UploadExpired(Exception):
+    """gc collected this registration's upload (it outlived the grace period): store the blob again."""
 
-    def __init__(self, engine: Engine, home: Path) -> None:
+
+def _digest_lock_key(digest: str) -> int:
+    return int(digest[:15], 16)  # 60 bits: a PostgreSQL advisory lock key (bigint)
+
+
+class Hub:
+    """The registry: a SQL database (any SQLAlchemy URL) plus a content-addressed artifact store.
+
+    `read_only` is True when the database could only be opened for reading (a read-only file, folder or
+    share): reads work, every write raises ReadOnlyRegistry."""
+
+    def __init__(self, engine: Engine, home: Path, *, read_only: bool = False, where: str | None = None) -> None:
         self.engine = engine
         self.home = Path(home)
         self.store = ArtifactStore(self.home / "artifacts")
+        self.read_only = read_only
+        self.where = where or engine.url.render_as_string(hide_password=True)
         self._read = sessionmaker(engine, expire_on_commit=False)
         self._write = sessionmaker(engine.execution_options(**WRITE), expire_on_commit=False)
 
@@ -104,25 +156,112 @@ class Hub:
     @classmethod
     def open(cls, home: str | Path | None = None, db: str | None = None, *, create: bool = True) -> Hub:
         """Open the registry; an empty database is migrated to head (under a lock), any other must be
-        at head: an older one is refused naming `adapter-hub db upgrade`, a newer one refused too."""
+        at head: an older one is refused naming `adapter-hub db upgrade`, a newer one refused too.
+
+        A SQLite file this process cannot write is opened read-only. A new (missing, empty) database is
+        never created beside an artifact store that holds blobs, and a store that belongs to another
+        registry is refused: both mean a mistyped --db / ADAPTER_HUB_DB. A connection that fails at
+        once is tried again after a second."""
         home_path, url = cls.locate(home, db)
-        where = parse_url(url).render_as_string(hide_password=True)
-        engine = make_engine(url)
+        parsed = parse_url(url)
+        where = parsed.render_as_string(hide_password=True)
+        store = ArtifactStore(home_path / "artifacts")
+        path = sqlite_path(parsed)
+        read_only = path is not None and path.exists() and not sqlite_writable(path)
+        if path is not None and not read_only and (not path.exists() or path.stat().st_size == 0):
+            _refuse_new_beside(store, where)
+        modes: list[str | None] = ["ro", "immutable"] if read_only else [None]
+        for attempt in range(3):
+            mode = modes[min(attempt, len(modes) - 1)]
+            engine = make_engine(parsed, read_only=mode)
+            try:
+                with engine.connect() as conn:
+                    state = schema.schema_state(conn)
+                break
+            except (DatabaseError, InterfaceError) as exc:
+                engine.dispose()
+                cannot = any(m in _one_line(exc) for m in ("unable to open", "readonly database"))
+                if attempt < len(modes) - 1 and path is not None and cannot:
+                    # A WAL database whose index this user cannot create: read it as immutable, which is
+                    # exact only while no write-ahead log holds commits the file lacks.
+                    wal = path.with_name(path.name + "-wal")
+                    if wal.exists() and wal.stat().st_size > 0:
+                        raise DatabaseUnreachable(
+                            f"cannot read database {where}: its write-ahead log {wal.name} holds changes this "
+                            "user cannot apply (the file is read-only); open it once as its owner to fold them in"
+                        ) from None
+                    continue
+                if not read_only and attempt == 0 and connection_failed(exc):
+                    time.sleep(1.0 + random.uniform(0, 0.5))  # a transient disconnect: once more
+                    continue
+                raise DatabaseUnreachable(f"cannot open database {where}: {_one_line(exc)}") from None
+            except (NoSuchModuleError, ModuleNotFoundError) as exc:
+                engine.dispose()
+                raise DatabaseUnreachable(f"cannot open database {where}: {_one_line(exc)}") from None
         try:
-            with engine.connect() as conn:
-                state = schema.schema_state(conn)
-            if not state.up_to_date and create:
+            if not state.up_to_date and create and not read_only:
+                if state.empty:
+                    _refuse_new_beside(store, where)
                 # Judge again under the migration lock: a concurrent first open may be mid-migration, and
-                # an empty database is migrated here. Anything else comes back as it is, for check().
-                state = schema.upgrade(engine, only_if_empty=True)
+                # a new database is migrated here (also one whose first migration was interrupted).
+                try:
+                    state = schema.upgrade(engine, only_if_new=True)
+                except (DatabaseError, InterfaceError):
+                    raise
+                except Exception as exc:  # alembic and SQLAlchemy raise several types for a damaged schema
+                    raise SchemaError(
+                        f"database {where} holds no data but its schema (revision {state.current}) could not be "
+                        f"brought to {state.head}: {_one_line(exc)}; remove it or run `adapter-hub db upgrade`"
+                    ) from None
             schema.check(state, f"database {where}")
+            hub = cls(engine, home_path, read_only=read_only, where=where)
+            hub._bind_store()
         except (DatabaseError, InterfaceError, NoSuchModuleError, ModuleNotFoundError) as exc:
             engine.dispose()
             raise DatabaseUnreachable(f"cannot open database {where}: {_one_line(exc)}") from None
         except BaseException:
             engine.dispose()
             raise
-        return cls(engine, home_path)
+        return hub
+
+    def registry_id(self) -> str:
+        with self._session() as s:
+            row = s.get(RegistryRow, 1)
+            if row is None:
+                raise StoreMismatch(f"database {self.where} records no registry id; it is damaged")
+            return row.registry_id
+
+    def _bind_store(self) -> None:
+        """Check that the artifact store belongs to this database; bind a store that records no owner yet
+        (a new one, or one written before stores recorded their registry)."""
+        db_id = self.registry_id()
+        store_id = self.store.identity()
+        if store_id == db_id:
+            return
+        if store_id is not None:
+            raise StoreMismatch(
+                f"the artifact store {self.store.root} belongs to another registry ({store_id}) than database "
+                f"{self.where} ({db_id}); check --db / ADAPTER_HUB_DB and --home"
+            )
+        if self.store.has_blobs() and not self._references_store():
+            raise StoreMismatch(
+                f"the artifact store {self.store.root} holds blobs that database {self.where} does not reference; "
+                "it belongs to another registry: check --db / ADAPTER_HUB_DB and --home"
+            )
+        if not self.read_only:
+            # a store this user cannot write stays unbound: reads still work, and gc refuses it
+            with contextlib.suppress(ArtifactError):
+                owner = self.store.bind(db_id)
+                if owner != db_id:  # another registry bound this new store a moment ago
+                    raise StoreMismatch(
+                        f"the artifact store {self.store.root} was just bound to another registry ({owner}) "
+                        f"than database {self.where} ({db_id}); check --db / ADAPTER_HUB_DB and --home"
+                    )
+
+    def _references_store(self) -> bool:
+        with self._session() as s:
+            digests = s.scalars(select(VRow.digest).where(VRow.status != "purged").distinct())
+            return any(self.store.path(d).is_file() for d in digests)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -134,10 +273,30 @@ class Hub:
         self.close()
 
     @contextmanager
-    def _session(self, write: bool = False) -> Any:
+    def _session(self, write: bool = False) -> Iterator[Session]:
+        """One transaction: committed when the block ends, rolled back on any error. Errors that mean a
+        lost connection, a busy or read-only database or a full disk become one-line registry errors that
+        say whether anything was written (a failure during COMMIT leaves that unknown)."""
+        if write and self.read_only:
+            raise ReadOnlyRegistry(f"registry {self.where} is read-only for this user; nothing was written")
         maker = self._write if write else self._read
-        with maker() as s, s.begin():
-            yield s
+        committing = False
+        with maker() as s:
+            try:
+                s.begin()
+                yield s
+                s.flush()
+                committing = True
+                s.commit()
+            except DBAPIError as exc:
+                _quiet_rollback(s)
+                error = translate(exc, self.where, writing=write, committing=committing)
+                if error is None:
+                    raise
+                raise error from None
+            except BaseException:
+                _quiet_rollback(s)
+                raise
 
     # -- backbones and tasks -------------------------------------------------------------------------
 
@@ -153,6 +312,9 @@ class Hub:
     ) -> Backbone:
         """Record a backbone by fingerprint: an nn.Module, an AdapterModel, or a sha256 hex string."""
         check_name("backbone", name)
+        limits.check("architecture", architecture)
+        limits.check("backbone description", description)
+        limits.json_value("backbone source", source)
         fp = _fingerprint_of(backbone)
         try:
             with self._session(write=True) as s:
@@ -176,6 +338,7 @@ class Hub:
             return [q.backbone_record(r) for r in s.scalars(select(BackboneRow).order_by(BackboneRow.name))]
 
     def backbone(self, name: str) -> Backbone:
+        check_name("backbone", name)  # a NUL byte in a query is a DataError on PostgreSQL
         with self._session() as s:
             return q.backbone_record(q.backbone_row(s, name))
 
@@ -191,6 +354,9 @@ class Hub:
         description: str | None = None,
     ) -> Task:
         check_name("task", name)
+        limits.check("task domain", domain)
+        limits.check("task metric", metric)
+        limits.check("task description", description)
         if direction not in DIRECTIONS:
             raise RegistryError(f"metric direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
         output = dict(output or {})
@@ -198,6 +364,7 @@ class Hub:
             if num_classes <= 0:
                 raise RegistryError(f"num_classes must be positive, got {num_classes}")
             output["num_classes"] = int(num_classes)
+        limits.json_value("task output", output)
         try:
             with self._session(write=True) as s:
                 if s.scalar(select(TaskRow.id).where(TaskRow.name == name)) is not None:
@@ -221,12 +388,15 @@ class Hub:
             return [q.task_record(r) for r in s.scalars(select(TaskRow).order_by(TaskRow.name))]
 
     def task(self, name: str) -> Task:
+        check_name("task", name)
         with self._session() as s:
             return q.task_record(q.task_row(s, name))
 
     def add_adapter(self, task: str, name: str, *, description: str | None = None) -> AdapterSummary:
         """Create an adapter with no versions yet (register creates it on first use)."""
+        check_name("task", task)
         check_name("adapter", name)
+        limits.check("adapter description", description)
         try:
             with self._session(write=True) as s:
                 task_row = q.task_row(s, task)
@@ -253,20 +423,45 @@ class Hub:
         description: str | None = None,
         backbone: str | None = None,
         created_by: str | None = None,
+        key: str | None = None,
     ) -> Version:
         """Store the adapter's bytes and commit a new version numbered max+1 under TASK/NAME.
 
-        The artifact is durable on disk before the row commits, so a crash leaves at worst an orphan blob
-        (garbage for `gc`). Concurrent registrations of one adapter retry on the unique key, each retry in
-        a fresh transaction after a rollback."""
+        An upload row is committed before the blob is stored and removed in the transaction that commits
+        the version, so `gc` never collects a blob (or temp file) a registration is about to use. The
+        artifact is durable before the row commits: a crash leaves at worst an orphan blob and a stale
+        upload row, which gc collects after its grace period. Concurrent registrations of one adapter retry
+        on the unique key, each retry in a fresh transaction after a rollback.
+
+        `key` identifies the registration: a second call with the same key returns the version the first
+        made instead of adding another. Without one a key is made up; when the connection is lost during
+        COMMIT the version is looked up by it, and the error says the key to retry with."""
         name = check_name("adapter", name or adapter_name)
+        check_name("task", task)
+        if backbone is not None:
+            check_name("backbone", backbone)
+        if key is not None and (earlier := self._by_key(check_key(key), task, name)) is not None:
+            return earlier
+        key = key or uuid.uuid4().hex
         if adapter_name not in model.adapters:
             raise NotFound(f"the model holds no adapter {adapter_name!r}")
         parent_specs = list({(p.ref, p.relation): p for p in map(_as_parent, parents)}.values())
-        metric_values = {str(k): float(v) for k, v in (metrics or {}).items()}
-        bad = [k for k, v in metric_values.items() if not math.isfinite(v) or not k]
-        if bad:
-            raise RegistryError(f"metric values must be finite numbers with a name: {', '.join(bad)}")
+        metric_values = {str(k): v for k, v in (metrics or {}).items()}
+        if "" in metric_values:
+            raise RegistryError("every metric needs a name")
+        for metric, value in metric_values.items():
+            # the split recorded with a metric is its name's first part ("val" of "val/accuracy")
+            split = metric.split("/", 1)[0] if "/" in metric else None
+            metric_values[metric] = limits.metric(metric, value, split=split)
+        for tag_key, tag_value in (tags or {}).items():
+            limits.tag(str(tag_key), str(tag_value))
+        for parent in parent_specs:
+            parse_ref(parent.ref)
+            limits.check("lineage weight", parent.weight)
+            limits.check("lineage method", parent.method)
+            limits.json_value("lineage parameters", parent.params)
+        limits.check("version description", description)
+        limits.check("created_by", created_by)
         fp = model.fingerprint
         with self._session() as s:  # check everything before writing anything
             task_id = q.task_row(s, task).id
@@ -275,7 +470,7 @@ class Hub:
         data = model.adapter_to_bytes(adapter_name)
         config = model.adapter_config(adapter_name).to_dict()
         trainable = int(model.num_trainable_parameters(adapter_name))
-        digest = self.store.put(data)
+        digest = sha256_hex(data)
         row_values = dict(
             backbone_id=backbone_id,
             digest=digest,
@@ -284,20 +479,104 @@ class Hub:
             trainable_params=trainable,
             description=description,
             created_by=created_by or _user(),
+            token=key,
         )
-        for attempt in range(MAX_ATTEMPTS):
+        edges = _unique_edges(list(zip(parent_specs, parent_ids)))
+        upload = self._start_upload(data, digest)
+        try:
+            for attempt in range(MAX_ATTEMPTS):
+                try:
+                    with self._session(write=True) as s:
+                        # the digest's lock: gc's check-then-delete of this blob runs wholly before or after
+                        self._lock_digest(s, digest)
+                        if s.execute(delete(UploadRow).where(UploadRow.token == upload)).rowcount != 1:
+                            raise _UploadExpired
+                        version_id = self._insert_version(s, task_id, name, row_values, edges, metric_values,
+                                                          tags or {})  # fmt: skip
+                        # the record comes from the committing transaction: nothing is read after COMMIT
+                        return q.version_records(s, [version_id])[0]
+                except _UploadExpired:
+                    upload = self._start_upload(data, digest)
+                except RegistryError as exc:
+                    if not isinstance(exc, ConnectionLost):
+                        self._drop_upload(upload)  # busy, full, read-only…: let gc take the blob at once
+                    raise
+                except IntegrityError:
+                    if (earlier := self._by_key(key, task, name)) is not None:
+                        return earlier  # the same registration committed meanwhile (same key)
+                    # another writer took the number (or created the adapter): retry
+                    if attempt == MAX_ATTEMPTS - 1:
+                        raise RegistryError(f"could not register {task}/{name}: too much contention") from None
+                    time.sleep(random.uniform(0, min(0.25, 0.002 * 2**attempt)))
+            raise RegistryError(f"could not register {task}/{name}: too much contention")
+        except ConnectionLost as exc:
+            if not exc.outcome_unknown:  # it broke before COMMIT: the transaction was rolled back
+                raise ConnectionLost(f"{exc}; {task}/{name} was not registered") from None
+            outcome = self._after_lost_commit(exc, key, task, name)
+            if isinstance(outcome, Version):
+                return outcome
+            raise outcome from None
+
+    def _start_upload(self, data: bytes, digest: str) -> str:
+        """Commit an upload row for `digest`, then store the blob; returns the upload's token. The row and
+        gc's check-then-delete of a blob exclude each other (the write lock on SQLite, an advisory lock
+        per digest on PostgreSQL), so a blob gc is deleting is stored again, never lost."""
+        for _ in range(MAX_ATTEMPTS):
+            token = uuid.uuid4().hex
+            with self._session(write=True) as s:
+                self._lock_digest(s, digest)
+                s.add(UploadRow(token=token, digest=digest))
             try:
-                with self._session(write=True) as s:
-                    version_id = self._insert_version(
-                        s, task_id, name, row_values, zip(parent_specs, parent_ids), metric_values, tags or {}
-                    )
-                break
-            except IntegrityError:  # another writer took the number (or created the adapter): retry
-                if attempt == MAX_ATTEMPTS - 1:
-                    raise RegistryError(f"could not register {task}/{name}: too much contention") from None
-                time.sleep(random.uniform(0, min(0.25, 0.002 * 2**attempt)))
+                self.store.put(data, token)
+                return token
+            except FileNotFoundError:
+                continue  # gc expired this upload and took its temp file: start over
+            except BaseException:
+                self._drop_upload(token)
+                raise
+        raise RegistryError("could not store the artifact: gc removed the upload repeatedly")
+
+    def _drop_upload(self, token: str) -> None:
+        try:
+            with self._session(write=True) as s:
+                s.execute(delete(UploadRow).where(UploadRow.token == token))
+        except RegistryError:
+            pass  # a stale upload row only delays gc by the grace period
+
+    def _lock_digest(self, s: Session, digest: str) -> None:
+        if self.engine.dialect.name == "postgresql":
+            s.execute(sql("SELECT pg_advisory_xact_lock(:k)"), {"k": _digest_lock_key(digest)})
+
+    def _by_key(self, key: str, task: str, name: str) -> Version | None:
+        """The version a registration with this key made, if any (refused if it is another adapter's)."""
         with self._session() as s:
-            return q.version_records(s, [version_id])[0]
+            vid = s.scalar(select(VRow.id).where(VRow.token == key))
+            if vid is None:
+                return None
+            version = q.version_records(s, [vid])[0]
+        if (version.task, version.adapter) != (task, name):
+            raise RegistryError(f"registration key {key!r} was used for {version.ref}, not {task}/{name}")
+        return version
+
+    def _after_lost_commit(self, exc: ConnectionLost, key: str, task: str, name: str) -> Version | RegistryError:
+        """After a lost connection: the version if it committed, else an error that says what is known."""
+        for delay in (0.5, 1.0, 2.0, 4.0):
+            try:
+                earlier = self._by_key(key, task, name)
+            except (ConnectionLost, RegistryBusy):
+                time.sleep(delay)
+                continue
+            if earlier is not None:
+                return earlier
+            # A COMMIT the server received may still become visible later: a retry must use the same key.
+            return ConnectionLost(
+                f"{exc}; {task}/{name} is not registered so far: register it again with key {key!r} (the same "
+                "key never makes a second version)", outcome_unknown=True
+            )
+        return ConnectionLost(
+            f"{exc}; whether {task}/{name} was registered is unknown: register it again with key {key!r} "
+            "(the same key never makes a second version)", outcome_unknown=True
+        )
 
     @staticmethod
     def _insert_version(
@@ -346,9 +625,12 @@ class Hub:
             return q.version_records(s, [row.id])[0]
 
     def versions(self, adapter: str, *, include_deleted: bool = False) -> list[Version]:
-        """Every version of TASK/ADAPTER, oldest first."""
+        """Every version of TASK/ADAPTER, oldest first. TASK/ADAPTER:N or TASK/ADAPTER@ALIAS names its
+        adapter too, once that version exists: one that does not is NotFound, not a list without it."""
         ref = parse_ref(adapter)
         with self._session() as s:
+            if ref.number is not None or ref.alias is not None:  # a version that does not exist is an error
+                q.resolve_row(s, ref, include_deleted=include_deleted)
             adapter_row = q.adapter_row(s, ref.task, ref.adapter)
             stmt = select(VRow.id).where(VRow.adapter_id == adapter_row.id).order_by(VRow.number)
             if not include_deleted:
@@ -356,6 +638,10 @@ class Hub:
             return q.version_records(s, list(s.scalars(stmt)))
 
     def ls(self, task: str | None = None, *, name: str | None = None) -> list[AdapterSummary]:
+        if task is not None:
+            check_name("task", task)
+        if name is not None:
+            check_name("adapter", name)
         with self._session() as s:
             if task is not None:
                 q.task_row(s, task)
@@ -407,9 +693,9 @@ class Hub:
         dataset: str | None = None,
         step: int | None = None,
     ) -> MetricRecord:
-        value = float(value)
-        if not name or not math.isfinite(value):
-            raise RegistryError(f"metric {name!r} needs a name and a finite value, got {value}")
+        if not name:
+            raise RegistryError(f"metric {name!r} needs a name")
+        value = limits.metric(name, value, split=split, dataset=dataset, step=step)
         with self._session(write=True) as s:
             version = q.resolve_row(s, parse_ref(ref))
             row = MetricRow(version_id=version.id, name=name, value=value, split=split, dataset=dataset, step=step)
@@ -424,6 +710,8 @@ class Hub:
 
     def compare_metrics(self, refs: Sequence[str | Ref], names: Sequence[str] | None = None) -> MetricTable:
         """The latest value of each metric (per split) of each version, and the best version per row."""
+        for name in names or ():
+            limits.check("metric name", name)
         with self._session() as s:
             rows = [q.resolve_row(s, parse_ref(r), include_deleted=True) for r in refs]
             return q.metric_table(s, [r.id for r in rows], names)
@@ -432,7 +720,8 @@ class Hub:
         check_name("alias", alias)
         if alias == LATEST or alias.isdigit():
             raise RegistryError(f"alias {alias!r} is reserved")
-        with self._session(write=True) as s:
+
+        def upsert(s: Session) -> Version:
             version = q.resolve_row(s, parse_ref(ref))
             row = s.scalar(select(AliasRow).where(AliasRow.adapter_id == version.adapter_id, AliasRow.name == alias))
             if row is None:
@@ -441,6 +730,8 @@ class Hub:
                 row.version_id = version.id
             s.flush()
             return q.version_records(s, [version.id])[0]
+
+        return self._upsert(upsert, f"alias {alias!r}")
 
     def remove_alias(self, ref: str | Ref) -> None:
         parsed = parse_ref(ref)
@@ -455,7 +746,9 @@ class Hub:
     def set_tag(self, ref: str | Ref, key: str, value: str) -> Version:
         if not key:
             raise RegistryError("a tag needs a non-empty key")
-        with self._session(write=True) as s:
+        limits.tag(key, str(value))
+
+        def upsert(s: Session) -> Version:
             version = q.resolve_row(s, parse_ref(ref), include_deleted=True)
             row = s.get(TagRow, (version.id, key))
             if row is None:
@@ -465,6 +758,19 @@ class Hub:
             s.flush()
             return q.version_records(s, [version.id])[0]
 
+        return self._upsert(upsert, f"tag {key!r}")
+
+    def _upsert(self, write: Callable[[Session], Version], what: str) -> Version:
+        """Run an insert-or-update in a write transaction. Two writers inserting the same key at once
+        (PostgreSQL; SQLite serialises writers) collide on the unique key: the loser runs again and updates."""
+        for _ in range(3):
+            try:
+                with self._session(write=True) as s:
+                    return write(s)
+            except IntegrityError:
+                time.sleep(random.uniform(0, 0.05))
+        raise RegistryError(f"could not set {what}: too much contention")
+
     # -- deleting, verifying, collecting -------------------------------------------------------------
 
     def delete(self, ref: str | Ref) -> Version:
@@ -472,6 +778,7 @@ class Hub:
         with self._session(write=True) as s:
             version = q.resolve_row(s, parse_ref(ref))
             version.status = "deleted"
+            version.deleted_at = utcnow()
             for alias in s.scalars(select(AliasRow).where(AliasRow.version_id == version.id)):
                 s.delete(alias)
             s.flush()
@@ -495,28 +802,104 @@ class Hub:
         return problems
 
     def gc(self, *, grace_s: float = 3600.0, purge_deleted: bool = False, dry_run: bool = False) -> GcReport:
-        """Remove blobs no version references (and stale temp files), once older than `grace_s` — a
-        register in flight has written its blob but not yet committed its row. With purge_deleted,
-        soft-deleted versions give up their blobs too (they become 'purged': the row stays)."""
+        """Remove blobs no version references (and stale temp files), once older than `grace_s`. With
+        purge_deleted, versions deleted more than `grace_s` ago give up their blobs too (they become
+        'purged': the row stays).
+
+        Correctness does not rest on the grace period: each blob is re-checked and deleted inside a write
+        transaction that excludes registrations of the same content (see `_start_upload`), so a blob that
+        a live version or a registration in flight uses is never removed, whatever the grace. gc refuses a
+        store that does not record this registry as its owner."""
+        if not dry_run and self.read_only:
+            raise ReadOnlyRegistry(f"registry {self.where} is read-only for this user; gc removes nothing")
+        if not math.isfinite(grace_s) or grace_s < 0:
+            raise RegistryError(f"the grace period must be a finite number of seconds >= 0, got {grace_s}")
+        owner, db_id = self.store.identity(), self.registry_id()
+        if owner != db_id:
+            raise StoreMismatch(
+                f"the artifact store {self.store.root} does not record database {self.where} as its registry "
+                f"({'it records ' + owner if owner else 'it records none'}); gc removes nothing"
+            )
+        now = utcnow()
+        cutoff = now - timedelta(seconds=min(grace_s, 1e9))
         purged: list[str] = []
         if purge_deleted:
             with self._session(write=not dry_run) as s:
                 live = select(VRow.digest).where(VRow.status == "ready")
-                stmt = select(VRow.id).where(VRow.status == "deleted", VRow.digest.not_in(live))
+                old = (VRow.deleted_at.is_(None)) | (VRow.deleted_at <= cutoff)
+                stmt = select(VRow.id).where(VRow.status == "deleted", old, VRow.digest.not_in(live))
                 ids = list(s.scalars(stmt))
                 purged = [r.ref for r in q.ref_rows(s, ids)]
                 if not dry_run:
                     for row in s.scalars(select(VRow).where(VRow.id.in_(ids))):
                         row.status = "purged"
+        # Temp files are listed before the uploads are read: an upload row commits before its temp file
+        # exists, so a temp file seen here whose row is absent below belongs to no registration in flight.
+        temps = list(self.store.temp_files())
+        blobs = list(self.store.digests())
         with self._session() as s:
             referenced = set(s.scalars(select(VRow.digest).where(VRow.status != "purged").distinct()))
-        removed, freed = [], 0
-        for digest, path in self.store.digests():
-            if digest not in referenced and self.store.age_s(path) >= grace_s:
+            uploads = {t: (d, aware(at)) for t, d, at in s.execute(select(UploadRow.token, UploadRow.digest,
+                                                                                UploadRow.started_at))}  # fmt: skip
+        stale = {t for t, (_d, at) in uploads.items() if at is not None and at <= cutoff}
+        in_flight = {d for t, (d, _at) in uploads.items() if t not in stale}
+        removed, freed, expired = [], 0, 0
+        for token in sorted(stale):
+            if dry_run:
+                continue
+            with self._session(write=True) as s:
+                self._lock_digest(s, uploads[token][0])
+                expired += s.execute(delete(UploadRow).where(UploadRow.token == token)).rowcount
+        for digest, path in blobs:
+            if digest in referenced or digest in in_flight or self.store.age_s(path) < grace_s:
+                continue
+            if dry_run:
                 removed.append(digest)
-                freed += path.stat().st_size if dry_run else self.store.remove(path)
-        temps = [p for p in self.store.temp_files() if self.store.age_s(p) >= grace_s]
+                freed += self.store.size_of(path)
+                continue
+            with self._session(write=True) as s:
+                # the decision again, under the lock that registrations of this digest take
+                self._lock_digest(s, digest)
+                # one statement, so one snapshot on PostgreSQL's READ COMMITTED as well
+                used = select(VRow.id).where(VRow.digest == digest, VRow.status != "purged").exists()
+                pending = select(UploadRow.id).where(UploadRow.digest == digest).exists()
+                if not s.scalar(select(used | pending)):
+                    size = self.store.remove(path)
+                    if size:
+                        removed.append(digest)
+                        freed += size
+        removable = [p for t, p in temps if (t not in uploads or t in stale) and self.store.age_s(p) >= grace_s]
         if not dry_run:
-            for path in temps:
+            for path in removable:
                 freed += self.store.remove(path)
-        return GcReport(removed=removed, freed_bytes=freed, temp_files=len(temps), purged_versions=purged)
+        else:
+            freed += sum(self.store.size_of(p) for p in removable)
+        return GcReport(removed=removed, freed_bytes=freed, temp_files=len(removable), purged_versions=purged,
+                        expired_uploads=expired if not dry_run else len(stale))  # fmt: skip
+
+
+def _unique_edges(edges: list[tuple[Parent, int]]) -> list[tuple[Parent, int]]:
+    """One edge per (parent version, relation): two refs may name one version (`t/a:1`, `t/a@prod`)."""
+    seen: dict[tuple[int, str], Parent] = {}
+    for parent, parent_id in edges:
+        earlier = seen.setdefault((parent_id, parent.relation), parent)
+        if (earlier.weight, earlier.method, earlier.params) != (parent.weight, parent.method, parent.params):
+            raise RegistryError(
+                f"{earlier.ref} and {parent.ref} name the same version as {parent.relation} with different "
+                "weights or methods; name it once"
+            )
+    return [(parent, pid) for (pid, _rel), parent in seen.items()]
+
+
+def _refuse_new_beside(store: ArtifactStore, where: str) -> None:
+    """A new registry is never created beside an artifact store in use: that is a mistyped database."""
+    if store.has_blobs():
+        raise StoreMismatch(
+            f"database {where} is missing or empty, but the artifact store {store.root} holds blobs of a registry; "
+            "not creating a new registry beside them (check --db / ADAPTER_HUB_DB and --home)"
+        )
+
+
+def _quiet_rollback(s: Session) -> None:
+    with contextlib.suppress(Exception):  # the connection is gone: the server rolls back by itself
+        s.rollback()

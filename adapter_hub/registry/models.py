@@ -108,9 +108,35 @@ class VersionRow(Base):
     description: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(200))
+    deleted_at: Mapped[datetime | None]
+    # The registration key: a retry after an unknown commit outcome finds this row instead of adding one.
+    token: Mapped[str | None] = mapped_column(String(64), unique=True)
 
     adapter: Mapped[AdapterRow] = relationship()
     backbone: Mapped[BackboneRow] = relationship()
+
+
+class RegistryRow(Base):
+    """The registry's identity (one row). The artifact store records the same id: see store.py."""
+
+    __tablename__ = "registry"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    registry_id: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UploadRow(Base):
+    """A registration between storing its blob and committing its version. gc never removes a blob or
+    temp file an upload names; the row goes in the transaction that commits the version."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token: Mapped[str] = mapped_column(String(32), unique=True)
+    digest: Mapped[str] = mapped_column(String(64), index=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class EdgeRow(Base):

@@ -188,3 +188,4 @@ class GcReport(_Record):
     freed_bytes: int
     temp_files: int
     purged_versions: list[str]
+    expired_uploads: int = 0  # registrations that outlived the grace period without committing

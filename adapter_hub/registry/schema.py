@@ -135,12 +135,24 @@ def _file_lock(path: Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def upgrade(engine: Engine, revision: str = "head", *, only_if_empty: bool = False) -> SchemaState:
-    """Migrate to `revision` under the lock. With only_if_empty, touch only a database with no tables."""
+# Tables whose rows are the registry's data; a database with none of them filled holds nothing to lose.
+_DATA_TABLES = ("backbones", "tasks", "adapters", "versions")
+
+
+def holds_data(conn: Connection) -> bool:
+    tables = set(inspect(conn).get_table_names())
+    return any(conn.execute(text(f"SELECT 1 FROM {t} LIMIT 1")).first() for t in _DATA_TABLES if t in tables)
+
+
+def upgrade(engine: Engine, revision: str = "head", *, only_if_new: bool = False) -> SchemaState:
+    """Migrate to `revision` under the lock. With only_if_new, touch only a database with no tables, or
+    one whose creation was interrupted: at one of our older revisions and holding no data yet (a first
+    open killed mid-migration is finished by the next open instead of asking for `db upgrade`)."""
     with migration_lock(engine) as conn:
         state = schema_state(conn)
+        new = state.empty or (state.current is not None and state.known and not holds_data(conn))
         conn.commit()
-        if only_if_empty and not state.empty:
+        if only_if_new and not new:
             return state
         command.upgrade(alembic_config(conn), revision)
         state = schema_state(conn)

@@ -1,7 +1,13 @@
-"""Content-addressed artifact store: artifacts/sha256/ab/cdef…, written atomically, read verified."""
+"""Content-addressed artifact store: artifacts/sha256/ab/cdef…, written atomically, read verified.
+
+The store never modifies a blob once written (another user may own it); gc's notion of "in use" lives in
+the database (versions and pending uploads), not in file times. The store records the id of the registry
+it belongs to in ``artifacts/REGISTRY``, so it is never collected or written against another database."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import time
@@ -9,9 +15,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import ArtifactError
+from .errors import ArtifactError, StorageFull
 
 _CHUNK = 1 << 20
+IDENTITY_FILE = "REGISTRY"
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -28,6 +36,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _full(exc: OSError, where: Path) -> StorageFull:
+    reason = os.strerror(exc.errno or 0)
+    return StorageFull(f"the filesystem holding {where} is full ({reason}); nothing was registered")
+
+
 class ArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -37,32 +50,84 @@ class ArtifactStore:
     def path(self, digest: str) -> Path:
         return self.blobs_dir / digest[:2] / digest[2:]
 
-    def put(self, data: bytes) -> str:
+    def temp_path(self, token: str) -> Path:
+        """Where the upload with this token writes its bytes before publishing them."""
+        return self.tmp_dir / f"{token}.part"
+
+    # -- identity ------------------------------------------------------------------------------------
+
+    def identity(self) -> str | None:
+        """The id of the registry this store belongs to, None for a store that records none yet."""
+        try:
+            text = (self.root / IDENTITY_FILE).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise ArtifactError(f"cannot read {self.root / IDENTITY_FILE}: {exc.strerror}") from None
+        return text or None
+
+    def bind(self, registry_id: str) -> str:
+        """Record `registry_id` as the store's owner unless one is recorded already, and return the owner now
+        recorded: the file is created exclusively (linked into place), so of two registries binding a new
+        store at once exactly one wins and the other sees it."""
+        target = self.root / IDENTITY_FILE
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = self.root / f".{IDENTITY_FILE}.{uuid.uuid4().hex}"
+            tmp.write_text(registry_id + "\n")
+            try:
+                os.chmod(tmp, 0o444)
+                os.link(tmp, target)  # fails if the file exists: never replaces another owner
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            if exc.errno in _FULL:
+                raise _full(exc, self.root) from None
+            raise ArtifactError(f"cannot write {target}: {exc.strerror}") from None
+        return self.identity() or registry_id
+
+    def has_blobs(self) -> bool:
+        return next(self.digests(), None) is not None
+
+    # -- writing and reading -------------------------------------------------------------------------
+
+    def put(self, data: bytes, token: str | None = None) -> str:
         """Store `data` under its sha256 and return the digest; durable on disk when this returns.
 
-        The bytes go to a unique temp file that is fsynced and then renamed over the final name, so a
-        reader sees nothing or the whole blob. Two processes storing the same content both rename a
-        complete copy onto the same name, which is safe. A blob already present is kept (and touched,
-        so that `gc`'s grace period protects it until the caller's row is committed)."""
+        The bytes go to the upload's temp file (named by `token`), are fsynced and renamed over the final
+        name, so a reader sees nothing or the whole blob. Two processes storing the same content both
+        rename a complete copy onto the same name, which is safe. An intact blob already present is left
+        exactly as it is: it may belong to another user, and nothing needs to change it."""
         digest = sha256_hex(data)
         final = self.path(digest)
-        if final.exists() and self._digest_of(final) == digest:
-            os.utime(final)
-            return digest
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp_dir / f"{digest[:16]}.{os.getpid()}.{uuid.uuid4().hex}.part"
         try:
+            if final.is_file() and self._digest_of(final) == digest:
+                return digest
+        except OSError as exc:
+            raise ArtifactError(f"cannot read the stored blob {final}: {exc.strerror or exc}") from None
+        tmp = self.temp_path(token or uuid.uuid4().hex)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.chmod(tmp, 0o444)
             os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            self._discard(tmp)
+            if exc.errno in _FULL:
+                raise _full(exc, self.root) from None
+            if isinstance(exc, FileNotFoundError):
+                raise  # the temp file was collected: the caller's upload expired (see Hub.register)
+            raise ArtifactError(f"cannot write artifact to {self.root}: {exc.strerror or exc}") from None
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            self._discard(tmp)
             raise
-        _fsync_dir(final.parent)
         return digest
 
     def read(self, digest: str, what: str) -> bytes:
@@ -72,6 +137,8 @@ class ArtifactStore:
             data = path.read_bytes()
         except FileNotFoundError:
             raise ArtifactError(f"artifact of {what} is missing: sha256:{digest} ({path})") from None
+        except OSError as exc:
+            raise ArtifactError(f"cannot read the artifact of {what} ({path}): {exc.strerror}") from None
         actual = sha256_hex(data)
         if actual != digest:
             raise ArtifactError(
@@ -86,10 +153,15 @@ class ArtifactStore:
             return f"missing blob sha256:{digest}"
         if size is not None and path.stat().st_size != size:
             return f"blob sha256:{digest} has {path.stat().st_size} bytes, expected {size}"
-        actual = self._digest_of(path)
+        try:
+            actual = self._digest_of(path)
+        except OSError as exc:
+            return f"unreadable blob sha256:{digest}: {exc.strerror}"
         if actual != digest:
             return f"corrupt blob: expected sha256:{digest}, found sha256:{actual}"
         return None
+
+    # -- listing and collecting ----------------------------------------------------------------------
 
     def digests(self) -> Iterator[tuple[str, Path]]:
         if not self.blobs_dir.is_dir():
@@ -99,9 +171,11 @@ class ArtifactStore:
                 for blob in sorted(sub.iterdir()):
                     yield sub.name + blob.name, blob
 
-    def temp_files(self) -> Iterator[Path]:
+    def temp_files(self) -> Iterator[tuple[str, Path]]:
+        """(token, path) of every temp file: the token is the upload's that wrote it."""
         if self.tmp_dir.is_dir():
-            yield from sorted(self.tmp_dir.iterdir())
+            for path in sorted(self.tmp_dir.iterdir()):
+                yield path.name.split(".", 1)[0], path
 
     @staticmethod
     def age_s(path: Path) -> float:
@@ -111,13 +185,27 @@ class ArtifactStore:
             return 0.0
 
     @staticmethod
+    def size_of(path: Path) -> int:
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    @staticmethod
     def remove(path: Path) -> int:
+        """Delete a file and return its size; 0 when it is gone already or this user may not delete it
+        (another user's file in a shared folder: it stays, and gc goes on)."""
         try:
             size = path.stat().st_size
             path.unlink()
-        except FileNotFoundError:
+        except OSError:
             return 0
         return size
+
+    @staticmethod
+    def _discard(path: Path) -> None:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
     @staticmethod
     def _digest_of(path: Path) -> str:

@@ -1,0 +1,107 @@
+"""Checks of call arguments and command options, made before any long work (training, rebuilding a
+backbone, loading data): each bad value is one ConfigError line, never a traceback after minutes."""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+# torch.manual_seed and torch.Generator take a 64-bit seed; a non-negative int64 fits them all.
+SEED_MAX = 2**63 - 1
+
+
+def number(name: str, value: Any, *, above: float | None = None, at_most: float | None = None) -> float:
+    """``value`` as a finite float, greater than ``above`` and at most ``at_most`` where given."""
+    try:
+        if isinstance(value, (str, bytes, bool)):
+            raise TypeError
+        result = float(value)
+    except OverflowError:  # an int too large for a float
+        raise ConfigError(f"{name} must be a finite number, got {_shown(value)}") from None
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {_shown(value)}") from None
+    if not math.isfinite(result):
+        raise ConfigError(f"{name} must be a finite number, got {result}")
+    if above is not None and not result > above:
+        raise ConfigError(f"{name} must be greater than {above:g}, got {result:g}")
+    if at_most is not None and not result <= at_most:
+        raise ConfigError(f"{name} must be at most {at_most:g}, got {result:g}")
+    return result
+
+
+def whole(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int in [low, high] (numpy integers too; no floats, no bools)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        result = operator.index(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be a whole number, got {_shown(value)}") from None
+    if (low is not None and result < low) or (high is not None and result > high):
+        lo = "" if low is None else f"at least {low}"
+        hi = "" if high is None else f"at most {high}"
+        raise ConfigError(f"{name} must be {' and '.join(x for x in (lo, hi) if x)}, got {_shown(result)}")
+    return result
+
+
+def _shown(value: Any) -> str:
+    """A value for a one-line message: repr cut to 40 characters (str() refuses ints of 4,300+ digits)."""
+    if isinstance(value, int) and value.bit_length() > 1000:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "…"
+
+
+def seed(value: Any, name: str = "seed") -> int:
+    return whole(name, value, low=0, high=SEED_MAX)
+
+
+def weights(values: Any, count: int) -> list[float] | None:
+    """One finite weight per combined version (None: the method's default)."""
+    if values is None:
+        return None
+    result = [number("each weight", w) for w in values]
+    if len(result) != count:
+        raise ConfigError(f"{len(result)} weights for {count} versions: give one weight per version")
+    return result
+
+
+def directory(path: str | Path, what: str = "data directory") -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{what} {path} {'is not a directory' if path.exists() else 'does not exist'}")
+    return path
+
+
+def writable_file(path: str | Path, what: str = "output file") -> Path:
+    """A file that can be written: not a directory, in an existing folder this process may write."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory")
+    if not parent.is_dir():
+        raise ConfigError(f"{what} {path}: folder {parent} does not exist")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{what} {path} is not writable")
+    if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: folder {parent} is not writable")
+    return path
+
+
+def writable_dir(path: str | Path, what: str = "folder") -> Path:
+    """A folder that exists and can be written, or can be created: its nearest existing ancestor is a
+    writable folder. Nothing is created here."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: {existing} is not writable")
+    return path
