@@ -265,6 +265,50 @@ def test_a_store_written_before_stores_recorded_their_registry_is_adopted(tmp_pa
         Hub.open(tmp_path)
 
 
+def test_of_two_registries_binding_one_new_store_only_one_wins(tmp_path: Path) -> None:
+    from adapter_hub.registry.store import ArtifactStore
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    assert store.bind("registry-a") == "registry-a"
+    assert store.bind("registry-b") == "registry-a"  # never replaced: the second binder learns the owner
+    assert store.identity() == "registry-a" and [p.name for p in store.root.iterdir()] == ["REGISTRY"]
+
+
+def test_stored_text_in_an_error_line_is_escaped(tmp_path: Path) -> None:
+    _setup(tmp_path).close()
+    (tmp_path / "artifacts" / "REGISTRY").chmod(0o644)
+    (tmp_path / "artifacts" / "REGISTRY").write_text("evil\x1b]8;;http://x\x1b\\\x1b[31mred\n")
+    result = CliRunner().invoke(main, ["--home", str(tmp_path), "ls"])
+    assert result.exit_code == 1 and "belongs to another registry" in result.stderr
+    assert "\x1b" not in result.stderr and "evil\\x1b]8;;http://x" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_database_errors_are_classified_by_code_not_by_user_text() -> None:
+    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.exc import OperationalError as Op
+
+    from adapter_hub.registry.db import translate
+
+    class PgError(Exception):
+        def __init__(self, text: str, sqlstate: str) -> None:
+            super().__init__(text)
+            self.sqlstate = sqlstate
+
+    dup = IntegrityError("INSERT", {}, PgError("Key (task_id, name)=(1, read-only) already exists", "23505"))
+    assert translate(dup, "db", writing=True, committing=False) is None  # the caller retries or says "exists"
+    busy = translate(Op("UPDATE", {}, PgError("deadlock detected", "40P01")), "db", writing=True, committing=False)
+    assert isinstance(busy, RegistryBusy) and "nothing was written" in str(busy)
+    full = translate(Op("COMMIT", {}, PgError("could not extend file", "53100")), "db", writing=True, committing=True)
+    assert isinstance(full, StorageFull)
+    gone = translate(Op("COMMIT", {}, PgError("terminating connection due to administrator command", "57P01")),
+                     "db", writing=True, committing=True)  # fmt: skip
+    assert isinstance(gone, ConnectionLost) and gone.outcome_unknown and "may or may not" in str(gone)
+    other = translate(Op("SELECT", {}, PgError("sorry, too many clients already", "53300")), "db", writing=False,
+                      committing=False)  # fmt: skip
+    assert type(other) is RegistryError and "nothing was changed" in str(other)
+
+
 # -- 3. register and a COMMIT whose outcome is unknown ----------------------------------------------------
 
 
@@ -351,6 +395,7 @@ with torch.no_grad():
     next(model.adapters["a"].parameters()).view(-1)[0] = 5.0
 with Hub.open(sys.argv[1]) as hub:
     print(hub.register(model, "a", task="t", name="theirs").ref)
+    print(len(hub.gc(grace_s=0).removed))  # the other user's orphan cannot be deleted here: gc goes on
 """
 
 
@@ -364,13 +409,17 @@ def test_a_second_user_registers_bytes_the_first_user_stored(tmp_path: Path) -> 
     hub.close()
     blob = hub.store.path(mine.digest)
     before = blob.stat()
+    orphan = hub.store.path(hub.store.put(b"user A's orphan"))
     for folder in [tmp_path, *(p for p in (tmp_path / "artifacts").rglob("*") if p.is_dir())]:
-        os.chmod(folder, 0o1777)  # a shared folder: everyone may add files
-    os.chown(blob, 65534, 65534)  # the blob is user A's, read-only
-    os.chmod(blob, 0o444)
+        os.chmod(folder, 0o1777)  # a shared folder: everyone may add files, only owners remove theirs
+        if folder != tmp_path:
+            os.chown(folder, 65534, 65534)
+    for path in (blob, orphan):
+        os.chown(path, 65534, 65534)  # user A's files, read-only
+        os.chmod(path, 0o444)
     proc = _run_as_other_user(_REGISTER_SAME, str(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "t/theirs:1"
+    assert proc.stdout.split() == ["t/theirs:1", "0"] and orphan.exists()
     after = blob.stat()
     assert (after.st_mtime_ns, after.st_uid) == (before.st_mtime_ns, 65534)  # A's blob untouched
     with Hub.open(tmp_path) as hub:

@@ -66,7 +66,7 @@ def export_version(
     model = model_for(version.backbone)
     hub.load_into(model, version.ref, name=version.adapter)
     with _one_line_os_errors(out, False):
-        _write_peft(model, version, out, create=create)
+        _write_peft(model, version, out, create=create, overwrite=overwrite)
     return version, out
 
 
@@ -135,7 +135,7 @@ def _write_file(target: Path, data: bytes, *, overwrite: bool) -> None:
         raise
 
 
-def _write_peft(model: Any, version: Version, out: Path, *, create: bool) -> None:
+def _write_peft(model: Any, version: Version, out: Path, *, create: bool, overwrite: bool) -> None:
     """Export into a staging folder next to (or inside) OUT, then move it into place, so a failure midway
     leaves neither a half-written PEFT directory nor a half-replaced one."""
     stage = _temp_beside(out.absolute()) if create else _temp_beside(out / "peft")
@@ -146,6 +146,13 @@ def _write_peft(model: Any, version: Version, out: Path, *, create: bool) -> Non
             os.rename(stage, out)
             return
         for item in sorted(stage.iterdir()):
-            os.replace(item, out / item.name)
+            if overwrite:
+                os.replace(item, out / item.name)
+                continue
+            try:  # a file that appeared in DEST since the check is still never replaced
+                os.link(item, out / item.name)
+            except FileExistsError:
+                shown = _shown(out / item.name)
+                raise RegistryError(f"{shown} appeared meanwhile; pass --overwrite to replace it") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
