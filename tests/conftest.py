@@ -93,3 +93,20 @@ def seeded_backbone(seed: int = 0) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return tiny_backbone()
+
+
+def trained_model(seed: int) -> Any:
+    """An AdapterModel on `seeded_backbone(0)` with adapter "a" (r=2 on the conv and the linear) whose
+    factors are drawn from N(0, 1) with `seed`: non-zero outputs, and bytes that differ per seed."""
+    import torch
+
+    from adapter_hub.lora import LoRAConfig
+    from adapter_hub.model import AdapterModel
+
+    model = AdapterModel(seeded_backbone(0))
+    model.add_adapter("a", LoRAConfig(r=2, alpha=4, targets=["0", "4"]))
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for p in model.adapters["a"].parameters():
+            p.normal_()
+    return model

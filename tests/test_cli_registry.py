@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import seeded_backbone
+from conftest import seeded_backbone, trained_model
 
 from adapter_hub.formats import fingerprint
-from adapter_hub.lora import LoRAConfig
 from adapter_hub.model import AdapterModel
 from adapter_hub.registry import Hub, schema
 from adapter_hub.registry.db import make_engine
@@ -52,16 +51,6 @@ def cli_all(home: Path, *commands: tuple[str, ...]) -> list[str]:
         return [r.stdout for r in pool.map(lambda args: cli(home, *args), commands)]
 
 
-def trained(seed: int) -> AdapterModel:
-    model = AdapterModel(seeded_backbone(0))
-    model.add_adapter("a", LoRAConfig(r=2, alpha=4, targets=["0", "4"]))
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for p in model.adapters["a"].parameters():
-            p.normal_()
-    return model
-
-
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A registry set up through the CLI (backbone, task), holding versions registered through the API."""
@@ -70,11 +59,11 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert fingerprint(seeded_backbone(0)) in added  # the CLI built the very backbone the tests build
     cli(home, "task", "add", "digits", "--num-classes", "10", "--metric", "val/accuracy")
     with Hub.open(home) as hub:
-        v1 = hub.register(trained(1), "a", task="digits", name="lora", metrics={"val/accuracy": 0.91})
-        hub.register(trained(2), "a", task="digits", name="lora", parents=[(v1.ref, "finetuned_from")])
+        v1 = hub.register(trained_model(1), "a", task="digits", name="lora", metrics={"val/accuracy": 0.91})
+        hub.register(trained_model(2), "a", task="digits", name="lora", parents=[(v1.ref, "finetuned_from")])
         hub.log_metric("digits/lora:2", "val/accuracy", 0.95)
         hub.add_task("rotated", domain="rotated")
-        hub.register(trained(3), "a", task="rotated", name="t", parents=[("digits/lora:2", "transferred_from")])
+        hub.register(trained_model(3), "a", task="rotated", name="t", parents=[("digits/lora:2", "transferred_from")])
     return home
 
 
@@ -165,7 +154,7 @@ def test_user_errors_are_one_line(home: Path) -> None:
 def test_rm_verify_and_gc(home: Path) -> None:
     with Hub.open(home) as hub:
         for seed in (4, 5):
-            hub.register(trained(seed), "a", task="rotated", name="scratch")
+            hub.register(trained_model(seed), "a", task="rotated", name="scratch")
         digest = hub.resolve("rotated/scratch:1").digest
     cli(home, "rm", "rotated/scratch:2")
     listed = as_json(home, "versions", "rotated/scratch", "--all")

@@ -13,15 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from click.testing import CliRunner, Result
-from conftest import seeded_backbone
+from conftest import seeded_backbone, trained_model
 from rich.cells import cell_len
 from sqlalchemy import String
 
 from adapter_hub.cli import main
-from adapter_hub.lora import LoRAConfig
-from adapter_hub.model import AdapterModel
 from adapter_hub.registry import Hub
 from adapter_hub.registry.models import AliasRow, BackboneRow, EdgeRow, MetricRow, TagRow, TaskRow, VersionRow
 from adapter_hub.registry.render import to_dot, to_mermaid, visible
@@ -49,16 +46,6 @@ def fit(column: Any, text: str) -> str:
     """TEXT cut to what the column keeps."""
     kind = column.property.columns[0].type
     return text[: kind.length] if isinstance(kind, String) else text
-
-
-def trained(seed: int) -> AdapterModel:
-    model = AdapterModel(seeded_backbone(0))
-    model.add_adapter("a", LoRAConfig(r=2, alpha=4, targets=["0", "4"]))
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for p in model.adapters["a"].parameters():
-            p.normal_()
-    return model
 
 
 def invoke(home: Path, *args: str, code: int = 0, color: bool = False) -> Result:
@@ -101,15 +88,15 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
                      num_classes=10, description=HOSTILE)  # fmt: skip
         hub.add_task("long", domain=longest(TaskRow.domain), metric=longest(TaskRow.metric), description=LONG)
         metric = fit(MetricRow.name, HOSTILE)
-        v1 = hub.register(trained(1), "a", task="marked", name="lora", metrics={metric: 0.9},
+        v1 = hub.register(trained_model(1), "a", task="marked", name="lora", metrics={metric: 0.9},
                           tags={fit(TagRow.key, HOSTILE): HOSTILE, "long": LONG},
                           description=HOSTILE, created_by=fit(VersionRow.created_by, HOSTILE))  # fmt: skip
         method = fit(EdgeRow.method, hostile_short)
-        v2 = hub.register(trained(2), "a", task="marked", name="lora", description=LONG,
+        v2 = hub.register(trained_model(2), "a", task="marked", name="lora", description=LONG,
                           parents=[{"ref": v1.ref, "relation": "composed_from", "method": method, "weight": 0.5}],
                           metrics={longest(MetricRow.name, "M"): 0.1})  # fmt: skip
         hub.log_metric(v2.ref, metric, 0.95, split=fit(MetricRow.split, "[/s]\x1b[31m"))
-        hub.register(trained(3), "a", task="long", name="x", parents=[(v2.ref, "transferred_from")],
+        hub.register(trained_model(3), "a", task="long", name="x", parents=[(v2.ref, "transferred_from")],
                      tags={longest(TagRow.key, "K"): LONG}, created_by=longest(VersionRow.created_by))  # fmt: skip
         hub.set_alias(v1.ref, longest(AliasRow.name, "a"))
     return home
@@ -259,7 +246,7 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with Hub.open(home) as hub:
         for task, seed in (("digits", 1), ("rotated", 2)):
             hub.add_task(task, num_classes=10)
-            hub.register(trained(seed), "a", task=task, name="lora")
+            hub.register(trained_model(seed), "a", task=task, name="lora")
     return home
 
 
@@ -344,7 +331,7 @@ def test_demo_and_predict_tables_print_names_literally(tmp_path: Path, monkeypat
     with Hub.open(home) as hub:
         hub.add_backbone("tiny", seeded_backbone(0))
         hub.add_task("t")
-        root = hub.register(trained(1), "a", task="t", name="lora").ref
+        root = hub.register(trained_model(1), "a", task="t", name="lora").ref
     row = demo.TaskRow(task=HOSTILE, head_only=0.5, lora=0.9, full=0.91, transfer=None, merged=None, switched=0.9,
                        share_head=0.01, share_lora=0.02, steps_fresh=None, steps_transfer=None)  # fmt: skip
     result = demo.DemoResult(rows=[row], backbone="tiny", backbone_accuracy=0.9, lineage_root=root)
