@@ -16,7 +16,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from .compose import Stack, Switch
 from .errors import ConfigError
 from .lora import LoRAConfig
 from .model import AdapterModel
-from .registry import Hub
+from .registry import Hub, parse_ref
 from .registry.errors import AlreadyExists, NotFound
 from .registry.records import Parent
 
@@ -106,15 +106,45 @@ def _say(progress: bool, text: str) -> None:
 
 
 def run_demo(hub: Hub, settings: DemoSettings | None = None) -> DemoResult:
-    """Run (or, where the registry already holds it, reuse) every step of the scenario."""
+    """Run (or, where the registry already holds it, reuse) every step of the scenario, in order: the data, the
+    backbone, the tasks, the per-domain adapters, the transfer, the TIES combination, the switch and the result.
+
+    The order is part of the result: the fresh heads are drawn from torch's global generator, so the same
+    seed gives the same numbers only in this order."""
     s = _checked(settings or DemoSettings(), hub)
     start = time.perf_counter()
     torch.manual_seed(s.seed)
-    entry = backbones.entry(s.architecture)
     result = DemoResult(rows=[], backbone=f"digits-{s.architecture}", backbone_accuracy=0.0)
+    source, targets = _load_data(s.seed)
+    backbone = _obtain_backbone(hub, s, source, result)
+    scenario = _Scenario(hub, s, backbone, targets, result)
+    scenario.register_tasks()
+    scenario.domain_adapters()
+    scenario.transfer()
+    scenario.combine_ties()
+    scenario.report(scenario.switch())
+    result.seconds = time.perf_counter() - start
+    return result
 
-    # 1. the backbone: trained on the source pool, original domain; reused when registered
-    source = data.digits("original", pool="source", seed=s.seed)
+
+def _task_name(domain: str) -> str:
+    return f"digits-{domain}"
+
+
+def _load_data(seed: int) -> tuple[data.Dataset, dict[str, data.Dataset]]:
+    """The data: scikit-learn's digits split into two disjoint pools, the source pool in the original domain
+    (the backbone's) and the target pool under each of TARGETS' shifts. Registers nothing. Each dataset draws
+    from generators of its own, so loading them here leaves torch's global generator untouched."""
+    source = data.digits("original", pool="source", seed=seed)
+    return source, {d: data.digits(d, pool="target", seed=seed) for d in TARGETS}
+
+
+def _obtain_backbone(hub: Hub, s: DemoSettings, source: data.Dataset, result: DemoResult) -> nn.Module:
+    """The backbone ``digits-<architecture>``: reused when it is registered and the weights saved under the
+    registry home give its registered fingerprint; otherwise trained on the source pool, its weights saved
+    (safetensors, under ``<home>/backbones``) and registered with its fingerprint and its source (a record of
+    the same fingerprint is kept). Sets the source-domain test accuracy on ``result`` and returns the backbone
+    frozen."""
     weights_path = hub.home / "backbones" / f"{result.backbone}.safetensors"
     backbone_source = {"architecture": s.architecture, "num_classes": 10, "seed": s.seed, "weights": str(weights_path)}
     backbone = None
@@ -138,180 +168,214 @@ def run_demo(hub: Hub, settings: DemoSettings | None = None) -> DemoResult:
     result.backbone_accuracy = training.evaluate(backbone, source.test)
     for p in backbone.parameters():
         p.requires_grad_(False)
+    return backbone
 
-    model = AdapterModel(backbone)
-    n_backbone = model.num_backbone_parameters()
-    sets = {d: data.digits(d, pool="target", seed=s.seed) for d in TARGETS}
-    lora_cfg = LoRAConfig(r=s.rank, alpha=s.alpha, targets=entry.targets, heads=[entry.head])
-    head_cfg = LoRAConfig(targets=[], heads=[entry.head])
 
-    def task_name(domain: str) -> str:
-        return f"digits-{domain}"
+class _Scenario:
+    """The steps over the frozen backbone, on one AdapterModel that holds every adapter of the run.
 
-    for name, domain in [*((task_name(d), d) for d in TARGETS), ("digits-multitask", "+".join(MERGED))]:
-        with contextlib.suppress(AlreadyExists):
-            hub.add_task(name, domain=domain, num_classes=10, metric="test/accuracy")
+    Each registered version gets the ``demo`` alias, which is how a second run finds it to reuse it."""
 
-    def obtain(ref: str, name: str, train: Callable[[], dict[str, float]], **register: Any) -> dict[str, float]:
-        """Load ``ref`` into the model as ``name`` if registered, else train and register it."""
+    def __init__(self, hub: Hub, s: DemoSettings, backbone: nn.Module, sets: dict[str, data.Dataset],
+                 result: DemoResult) -> None:  # fmt: skip
+        self.hub, self.s, self.backbone, self.sets, self.result = hub, s, backbone, sets, result
+        self.entry = backbones.entry(s.architecture)
+        self.model = AdapterModel(backbone)
+        self.n_backbone = self.model.num_backbone_parameters()
+        self.lora_cfg = LoRAConfig(r=s.rank, alpha=s.alpha, targets=self.entry.targets, heads=[self.entry.head])
+        self.head_cfg = LoRAConfig(targets=[], heads=[self.entry.head])
+        self.stats: dict[str, dict[str, float]] = {}  # per domain: its fresh adapter's metrics
+        self.transfer_stats: dict[str, dict[str, float]] = {}  # per domain of TRANSFER_FROM
+        self.merged_ref = f"digits-multitask/ties-r{s.rank * len(MERGED)}@{ALIAS}"
+
+    def _lora_ref(self, domain: str, suffix: str = "") -> str:
+        return f"{_task_name(domain)}/lora-r{self.s.rank}{suffix}@{ALIAS}"
+
+    def _obtain(self, ref: str, name: str, train: Callable[[], dict[str, float]], **register: Any) -> dict[str, float]:
+        """Load ``ref`` into the model as ``name`` and return its registered metrics if it is registered; else
+        train it, register it with ``register``'s keywords and the metrics ``train`` returns, and alias it."""
         try:
-            version = hub.load_into(model, ref, name=name)
-            result.reused.append(version.ref)
-            return {m.name: m.value for m in hub.metrics(version.ref)}
+            version = self.hub.load_into(self.model, ref, name=name)
+            self.result.reused.append(version.ref)
+            return {m.name: m.value for m in self.hub.metrics(version.ref)}
         except NotFound:
             metrics = train()
-            task, _, rest = ref.partition("/")
-            version = hub.register(model, name, task=task, name=rest.split("@")[0], metrics=metrics, **register)
-            hub.set_alias(version.ref, ALIAS)
-            result.trained.append(version.ref)
+            parsed = parse_ref(ref)
+            version = self.hub.register(self.model, name, task=parsed.task, name=parsed.adapter, metrics=metrics,
+                                        **register)  # fmt: skip
+            self.hub.set_alias(version.ref, ALIAS)
+            self.result.trained.append(version.ref)
             return metrics
 
-    fresh: dict[str, training.FitResult] = {}
-    stats: dict[str, dict[str, float]] = {}
-    for domain in TARGETS:
-        ds = sets[domain]
+    def register_tasks(self) -> None:
+        """The tasks: ``digits-<domain>`` for each of TARGETS and ``digits-multitask`` (domain: the merged
+        domains joined by ``+``), each with 10 classes and ``test/accuracy`` as its metric; ones already
+        registered are left as they are."""
+        for name, domain in [*((_task_name(d), d) for d in TARGETS), ("digits-multitask", "+".join(MERGED))]:
+            with contextlib.suppress(AlreadyExists):
+                self.hub.add_task(name, domain=domain, num_classes=10, metric="test/accuracy")
 
-        def train_fresh(domain: str = domain, ds: data.Dataset = ds) -> dict[str, float]:
-            _say(s.progress, f"training {task_name(domain)}: head-only probe, LoRA adapter, full fine-tune")
-            model.add_adapter(f"{domain}-head", head_cfg, head_modules={entry.head: _fresh_head(backbone, entry.head)})
-            model.activate(f"{domain}-head")
-            training.fit(model, ds.train, ds.val, epochs=s.epochs, lr=s.lr, seed=s.seed, progress=s.progress,
-                         description=f"{domain} head-only")  # fmt: skip
-            head_only = training.evaluate(model, ds.test)
-            head_share = model.num_trainable_parameters(f"{domain}-head") / n_backbone
-            model.delete_adapter(f"{domain}-head")
+    def domain_adapters(self) -> None:
+        """The per-domain adapters: for each of TARGETS, reuses ``digits-<domain>/lora-r<rank>@demo`` with its
+        metrics, or trains a head-only probe, the conv-LoRA adapter (with a head of its own) and a full fine-tune,
+        and registers the adapter with its test and validation accuracy, its steps to 95% of its best validation
+        accuracy, and the two baselines' test accuracies and the probe's trainable share (the baselines
+        themselves are not registered)."""
+        for domain in TARGETS:
+            self.stats[domain] = self._obtain(
+                self._lora_ref(domain), domain, partial(self._train_domain, domain),
+                description=f"conv-LoRA r={self.s.rank} on the {domain} digits",
+            )  # fmt: skip
 
-            model.add_adapter(domain, lora_cfg, head_modules={entry.head: _fresh_head(backbone, entry.head)})
-            model.activate(domain)
-            fit = training.fit(model, ds.train, ds.val, epochs=s.epochs, lr=s.lr, seed=s.seed, eval_every=3,
-                               progress=s.progress, description=f"{domain} LoRA")  # fmt: skip
-            fresh[domain] = fit
-            full_model = training.full_finetune_copy(backbone, entry.head, _fresh_head(backbone, entry.head))
-            training.fit(full_model, ds.train, ds.val, epochs=s.epochs, lr=1e-3, seed=s.seed, progress=s.progress,
-                         description=f"{domain} full fine-tune")  # fmt: skip
-            model.activate(domain)
-            return {
-                "test/accuracy": training.evaluate(model, ds.test),
-                "val/accuracy": fit.best_accuracy,
-                "baseline/head_only_accuracy": head_only,
-                "baseline/head_only_share": head_share,
-                "baseline/full_finetune_accuracy": training.evaluate(full_model, ds.test),
-                "train/steps_to_target": float(fit.steps_to(0.95 * fit.best_accuracy) or fit.steps),
-            }
+    def _train_domain(self, domain: str) -> dict[str, float]:
+        s, model, ds, head = self.s, self.model, self.sets[domain], self.entry.head
+        _say(s.progress, f"training {_task_name(domain)}: head-only probe, LoRA adapter, full fine-tune")
+        model.add_adapter(f"{domain}-head", self.head_cfg, head_modules={head: _fresh_head(self.backbone, head)})
+        model.activate(f"{domain}-head")
+        training.fit(model, ds.train, ds.val, epochs=s.epochs, lr=s.lr, seed=s.seed, progress=s.progress,
+                     description=f"{domain} head-only")  # fmt: skip
+        head_only = training.evaluate(model, ds.test)
+        head_share = model.num_trainable_parameters(f"{domain}-head") / self.n_backbone
+        model.delete_adapter(f"{domain}-head")
 
-        stats[domain] = obtain(f"{task_name(domain)}/lora-r{s.rank}@{ALIAS}", domain, train_fresh,
-                               description=f"conv-LoRA r={s.rank} on the {domain} digits")  # fmt: skip
+        model.add_adapter(domain, self.lora_cfg, head_modules={head: _fresh_head(self.backbone, head)})
+        model.activate(domain)
+        fit = training.fit(model, ds.train, ds.val, epochs=s.epochs, lr=s.lr, seed=s.seed, eval_every=3,
+                           progress=s.progress, description=f"{domain} LoRA")  # fmt: skip
+        full_model = training.full_finetune_copy(self.backbone, head, _fresh_head(self.backbone, head))
+        training.fit(full_model, ds.train, ds.val, epochs=s.epochs, lr=1e-3, seed=s.seed, progress=s.progress,
+                     description=f"{domain} full fine-tune")  # fmt: skip
+        model.activate(domain)
+        return {
+            "test/accuracy": training.evaluate(model, ds.test),
+            "val/accuracy": fit.best_accuracy,
+            "baseline/head_only_accuracy": head_only,
+            "baseline/head_only_share": head_share,
+            "baseline/full_finetune_accuracy": training.evaluate(full_model, ds.test),
+            "train/steps_to_target": float(fit.steps_to(0.95 * fit.best_accuracy) or fit.steps),
+        }
 
-    transfer_stats: dict[str, dict[str, float]] = {}
-    for domain, parent in TRANSFER_FROM.items():
-        ds = sets[domain]
+    def transfer(self) -> None:
+        """The transfer: for each compound domain of TRANSFER_FROM, reuses
+        ``digits-<domain>/lora-r<rank>-transfer@demo``, or starts an adapter from its part's adapter (the one
+        the per-domain step registered or reused), trains it, and registers it with a ``transferred_from`` edge
+        to that adapter, its test and validation accuracy, and its steps to 95% of the fresh adapter's best
+        validation accuracy (ten times its steps when it never gets there)."""
+        for domain, parent in TRANSFER_FROM.items():
+            self.transfer_stats[domain] = self._obtain(
+                self._lora_ref(domain, "-transfer"), f"{domain}-transfer",
+                partial(self._train_transfer, domain, parent),
+                parents=[(self._lora_ref(parent), "transferred_from")],
+                description=f"{domain} adapter started from the {parent} adapter",
+            )  # fmt: skip
 
-        def train_transfer(domain: str = domain, ds: data.Dataset = ds, parent: str = parent) -> dict[str, float]:
-            _say(s.progress, f"training {task_name(domain)} from the {parent} adapter")
-            training.transfer_init(model, parent, f"{domain}-transfer")
-            model.activate(f"{domain}-transfer")
-            fit = training.fit(model, ds.train, ds.val, epochs=s.epochs, lr=s.lr, seed=s.seed, eval_every=3,
-                               progress=s.progress, description=f"{domain} from {parent}")  # fmt: skip
-            target = 0.95 * stats[domain]["val/accuracy"]
-            return {
-                "test/accuracy": training.evaluate(model, ds.test),
-                "val/accuracy": fit.best_accuracy,
-                "train/steps_to_target": float(fit.steps_to(target) or fit.steps * 10),
-            }
+    def _train_transfer(self, domain: str, parent: str) -> dict[str, float]:
+        s, model, ds = self.s, self.model, self.sets[domain]
+        _say(s.progress, f"training {_task_name(domain)} from the {parent} adapter")
+        training.transfer_init(model, parent, f"{domain}-transfer")
+        model.activate(f"{domain}-transfer")
+        fit = training.fit(model, ds.train, ds.val, epochs=s.epochs, lr=s.lr, seed=s.seed, eval_every=3,
+                           progress=s.progress, description=f"{domain} from {parent}")  # fmt: skip
+        target = 0.95 * self.stats[domain]["val/accuracy"]
+        return {
+            "test/accuracy": training.evaluate(model, ds.test),
+            "val/accuracy": fit.best_accuracy,
+            "train/steps_to_target": float(fit.steps_to(target) or fit.steps * 10),
+        }
 
-        transfer_stats[domain] = obtain(
-            f"{task_name(domain)}/lora-r{s.rank}-transfer@{ALIAS}", f"{domain}-transfer", train_transfer,
-            parents=[(f"{task_name(parent)}/lora-r{s.rank}@{ALIAS}", "transferred_from")],
-            description=f"{domain} adapter started from the {parent} adapter",
-        )  # fmt: skip
+    def combine_ties(self) -> None:
+        """The TIES combination: reuses ``digits-multitask/ties-r<3·rank>@demo``, or combines the MERGED
+        domains' adapters' deltas with TIES into one multi-task adapter (each task keeps its own head) and
+        registers it with the chosen λ and density, its normalized validation accuracy, and one
+        ``composed_from`` edge per parent carrying the weight, the method and its parameters."""
+        try:
+            version = self.hub.load_into(self.model, self.merged_ref, name="multitask")
+            self.result.reused.append(version.ref)
+        except NotFound:
+            metrics = self._choose_ties()
+            recipe = self.model.adapters["multitask"].metadata["recipe"]
+            version = self.hub.register(
+                self.model, "multitask", task="digits-multitask", name=f"ties-r{self.s.rank * len(MERGED)}",
+                metrics=metrics,
+                parents=[Parent(self._lora_ref(d), "composed_from", weight=w, method="ties", params=recipe["params"])
+                         for d, w in zip(MERGED, recipe["weights"])],
+                description="TIES average of three domain adapters",
+            )  # fmt: skip
+            self.hub.set_alias(version.ref, ALIAS)
+            self.result.trained.append(version.ref)
 
-    # the multi-task adapter: TIES over three domains' deltas (each task keeps its own head). Its scale λ
-    # and density are chosen on the validation sets, as in the TIES paper; the test sets stay unseen.
-    chosen: dict[str, float] = {}
+    def _choose_ties(self) -> dict[str, float]:
+        """Combine ``multitask`` with the scale λ and density that score best on the validation sets, as in
+        the TIES paper (the test sets stay unseen); returns the metrics it is registered with."""
+        _say(self.s.progress, "combining three adapters with TIES (λ and density chosen on validation)")
+        rank = self.s.rank * len(MERGED)
+        alone: dict[str, float] = {}  # each merged task's own adapter's validation accuracy, measured once
+        best = (-1.0, 1.0, 0.5)
+        for lam in (0.5, 0.7, 1.0):
+            for density in (0.5, 0.8):
+                self.model.combine("candidate", list(MERGED), [lam] * len(MERGED), method="ties", density=density,
+                                   rank=rank, head=MERGED[0])  # fmt: skip
+                score = self._normalized("candidate", alone)
+                self.model.delete_adapter("candidate")
+                best = max(best, (score, lam, density))
+        score, lam, density = best
+        self.model.combine("multitask", list(MERGED), [lam] * len(MERGED), method="ties", density=density,
+                           rank=rank, head=MERGED[0])  # fmt: skip
+        return {"ties/weight": lam, "ties/density": density, "val/normalized_accuracy": score}
 
-    alone: dict[str, float] = {}
-
-    def normalized(name: str) -> float:
+    def _normalized(self, name: str, alone: dict[str, float]) -> float:
         """Mean over the merged tasks of (merged accuracy / own adapter's accuracy), on validation."""
         total = 0.0
         for d in MERGED:
             if d not in alone:
-                model.activate(d)
-                alone[d] = max(training.evaluate(model, sets[d].val), 1e-9)
-            model.activate(Stack(name, head=d))
-            total += training.evaluate(model, sets[d].val) / alone[d]
+                self.model.activate(d)
+                alone[d] = max(training.evaluate(self.model, self.sets[d].val), 1e-9)
+            self.model.activate(Stack(name, head=d))
+            total += training.evaluate(self.model, self.sets[d].val) / alone[d]
         return total / len(MERGED)
 
-    def train_merged() -> dict[str, float]:
-        _say(s.progress, "combining three adapters with TIES (λ and density chosen on validation)")
-        best = (-1.0, 1.0, 0.5)
-        for lam in (0.5, 0.7, 1.0):
-            for density in (0.5, 0.8):
-                model.combine("candidate", list(MERGED), [lam] * len(MERGED), method="ties", density=density,
-                              rank=s.rank * len(MERGED), head=MERGED[0])  # fmt: skip
-                score = normalized("candidate")
-                model.delete_adapter("candidate")
-                best = max(best, (score, lam, density))
-        _, lam, density = best
-        chosen.update(weight=lam, density=density, score=best[0])
-        model.combine("multitask", list(MERGED), [lam] * len(MERGED), method="ties", density=density,
-                      rank=s.rank * len(MERGED), head=MERGED[0])  # fmt: skip
-        return {"val/normalized_accuracy": best[0], "ties/weight": lam, "ties/density": density}
+    def switch(self) -> dict[str, float]:
+        """The switch: one mixed batch of every target domain's test images in one forward pass, each sample
+        routed to its own domain's adapter and head. Registers nothing; returns each domain's accuracy."""
+        self.model.activate(Switch(*TARGETS))
+        xs = torch.cat([self.sets[d].test.x for d in TARGETS])
+        ys = torch.cat([self.sets[d].test.y for d in TARGETS])
+        route = [d for d in TARGETS for _ in range(len(self.sets[d].test))]
+        with torch.no_grad():
+            routed = self.model(xs, route=route)
+        return {d: float((routed.by_adapter[d].argmax(-1) == ys[routed.rows[d]]).float().mean()) for d in TARGETS}
 
-    merged_ref = f"digits-multitask/ties-r{s.rank * len(MERGED)}@{ALIAS}"
-    try:
-        version = hub.load_into(model, merged_ref, name="multitask")
-        result.reused.append(version.ref)
-    except NotFound:
-        train_merged()
-        recipe = model.adapters["multitask"].metadata["recipe"]
-        version = hub.register(
-            model, "multitask", task="digits-multitask", name=f"ties-r{s.rank * len(MERGED)}",
-            metrics={"ties/weight": chosen["weight"], "ties/density": chosen["density"],
-                     "val/normalized_accuracy": chosen["score"]},
-            parents=[Parent(f"{task_name(d)}/lora-r{s.rank}@{ALIAS}", "composed_from", weight=w, method="ties",
-                            params=recipe["params"]) for d, w in zip(MERGED, recipe["weights"])],
-            description="TIES average of three domain adapters",
-        )  # fmt: skip
-        hub.set_alias(version.ref, ALIAS)
-        result.trained.append(version.ref)
-
-    # the switch: one mixed batch, each sample routed to its own domain's adapter and head
-    model.activate(Switch(*TARGETS))
-    xs = torch.cat([sets[d].test.x for d in TARGETS])
-    ys = torch.cat([sets[d].test.y for d in TARGETS])
-    route = [d for d in TARGETS for _ in range(len(sets[d].test))]
-    with torch.no_grad():
-        routed = model(xs, route=route)
-    switched = {d: float((routed.by_adapter[d].argmax(-1) == ys[routed.rows[d]]).float().mean()) for d in TARGETS}
-
-    for domain in TARGETS:
-        ds = sets[domain]
-        model.activate(domain)
-        lora = training.evaluate(model, ds.test)
-        merged = transfer = None
-        if domain in MERGED:
-            model.activate(Stack("multitask", head=domain))
-            merged = training.evaluate(model, ds.test)
-            hub.log_metric(merged_ref, f"test/accuracy/{domain}", merged)
-        if domain in TRANSFER_FROM:
-            model.activate(f"{domain}-transfer")
-            transfer = training.evaluate(model, ds.test)
-        st = stats[domain]
-        moved = domain in TRANSFER_FROM
-        result.rows.append(
-            TaskRow(
-                task=domain, head_only=st["baseline/head_only_accuracy"], lora=lora,
-                full=st["baseline/full_finetune_accuracy"], transfer=transfer, merged=merged,
-                switched=switched[domain], share_head=st["baseline/head_only_share"],
-                share_lora=model.num_trainable_parameters(domain) / n_backbone,
-                steps_fresh=int(st["train/steps_to_target"]) if moved else None,
-                steps_transfer=int(transfer_stats[domain]["train/steps_to_target"]) if moved else None,
-            )  # fmt: skip
-        )
-    result.lineage_root = f"{task_name(MERGED[0])}/lora-r{s.rank}@{ALIAS}"
-    result.seconds = time.perf_counter() - start
-    return result
+    def report(self, switched: dict[str, float]) -> None:
+        """The result: one row per domain on ``result``, with the test accuracy of its adapter, of the transferred
+        adapter and of the multi-task adapter under the domain's head (logged on the multi-task version as
+        ``test/accuracy/<domain>``), the switch's accuracy, and the baselines, trainable shares and steps of the
+        earlier steps; and the root of the lineage tree the CLI prints."""
+        model = self.model
+        for domain in TARGETS:
+            ds = self.sets[domain]
+            model.activate(domain)
+            lora = training.evaluate(model, ds.test)
+            merged = transfer = None
+            if domain in MERGED:
+                model.activate(Stack("multitask", head=domain))
+                merged = training.evaluate(model, ds.test)
+                self.hub.log_metric(self.merged_ref, f"test/accuracy/{domain}", merged)
+            if domain in TRANSFER_FROM:
+                model.activate(f"{domain}-transfer")
+                transfer = training.evaluate(model, ds.test)
+            st = self.stats[domain]
+            moved = domain in TRANSFER_FROM
+            self.result.rows.append(
+                TaskRow(
+                    task=domain, head_only=st["baseline/head_only_accuracy"], lora=lora,
+                    full=st["baseline/full_finetune_accuracy"], transfer=transfer, merged=merged,
+                    switched=switched[domain], share_head=st["baseline/head_only_share"],
+                    share_lora=model.num_trainable_parameters(domain) / self.n_backbone,
+                    steps_fresh=int(st["train/steps_to_target"]) if moved else None,
+                    steps_transfer=int(self.transfer_stats[domain]["train/steps_to_target"]) if moved else None,
+                )  # fmt: skip
+            )
+        self.result.lineage_root = self._lora_ref(MERGED[0])
 
 
 def _checked(s: DemoSettings, hub: Hub) -> DemoSettings:
@@ -336,7 +400,3 @@ def _fresh_head(backbone: nn.Module, path: str) -> nn.Module:
     original = backbone.get_submodule(path)
     assert isinstance(original, nn.Linear)
     return nn.Linear(original.in_features, original.out_features)
-
-
-def demo_home_note(home: Path) -> str:
-    return f"registry: {home}"

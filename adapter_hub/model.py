@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -11,55 +12,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter import SEP, Adapter, head_from_tensors, module_at, module_key
+from .compose.combine import combine as combine_adapters
 from .compose.policies import Stack, Switch
 from .compose.routing import Plan, RoutedOutput
-from .errors import AdapterNotFound, ConfigError, MergeError, TargetError
+from .errors import AdapterFileError, AdapterNotFound, ConfigError, FingerprintMismatch, MergeError, TargetError
+from .formats import adapter_file, peft
 from .formats.fingerprint import fingerprint as compute_fingerprint
-from .lora import (
-    AttentionSite,
-    HeadSite,
-    LayerSite,
-    LoRAConfig,
-    LoRALayer,
-    Routing,
-    lora_class_for,
-    matches,
-    plain_copy,
-)
-from .lora.conv import _LoRAConvNd
+from .formats.record import AdapterRecord
+from .lora import AttentionSite, HeadSite, LayerSite, LoRAConfig, Routing, lora_class_for, matches, plain_copy
 
-# ModuleDict keys cannot hold dots; module paths are stored with this separator instead.
-_SEP = "/"
-
-
-def _key(path: str) -> str:
-    return path.replace(".", _SEP)
-
-
-def _path(key: str) -> str:
-    return key.replace(_SEP, ".")
-
-
-class Adapter(nn.Module):
-    """One adapter's trainable state: a LoRA layer per adapted module and a copy of each head."""
-
-    def __init__(self, config: LoRAConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.layers = nn.ModuleDict()
-        self.heads = nn.ModuleDict()
-        self.metadata: dict[str, Any] = {}
-
-    def layer_items(self) -> Iterator[tuple[str, LoRALayer]]:
-        for key, layer in self.layers.items():
-            yield _path(key), layer  # type: ignore[misc]
-
-    def head_items(self) -> Iterator[tuple[str, nn.Module]]:
-        for key, head in self.heads.items():
-            yield _path(key), head
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+__all__ = ["Adapter", "AdapterModel"]
 
 
 class AdapterModel(nn.Module):
@@ -161,7 +124,7 @@ class AdapterModel(nn.Module):
         stored in an adapter file; by default they follow ``config``.
         """
         config = config or LoRAConfig()
-        if not name or "." in name or _SEP in name:
+        if not name or "." in name or SEP in name:
             raise ConfigError(f"adapter name {name!r} must be non-empty and hold no '.' or '/'")
         if name in self.adapters:
             raise ConfigError(f"an adapter named {name!r} already exists (delete_adapter it first)")
@@ -178,15 +141,8 @@ class AdapterModel(nn.Module):
             cls = lora_class_for(base)
             if cls is None:
                 raise TargetError(f"{path} is a {type(base).__name__}, which has no LoRA variant")
-            extra = {k: spec[k] for k in ("a_groups", "rank") if k in spec and issubclass(cls, _LoRAConvNd)}
-            adapter.layers[_key(path)] = cls(
-                base,  # type: ignore[arg-type]
-                int(spec["r"]),
-                float(spec["alpha"]),
-                use_rslora=config.use_rslora,
-                dropout=config.dropout,
-                init=config.init,
-                **extra,
+            adapter.layers[module_key(path)] = cls.from_spec(
+                base, spec, use_rslora=config.use_rslora, dropout=config.dropout, init=config.init
             )
         head_modules = dict(head_modules or {})
         for path in heads:
@@ -194,7 +150,7 @@ class AdapterModel(nn.Module):
             head = head_modules.pop(path, None) or plain_copy(original)
             for p in head.parameters():
                 p.requires_grad_(True)
-            adapter.heads[_key(path)] = head
+            adapter.heads[module_key(path)] = head
         if head_modules:
             raise TargetError(f"head_modules names {sorted(head_modules)} which are not heads of this config")
         adapter.to(next(iter(self.backbone.parameters()), torch.empty(0)).device)
@@ -208,10 +164,7 @@ class AdapterModel(nn.Module):
         return adapter
 
     def _module_for_layer(self, path: str) -> nn.Module:
-        try:
-            return self._module(path)
-        except AttributeError:
-            raise TargetError(f"the backbone has no module {path!r}") from None
+        return module_at(self.backbone, path)
 
     def _site(self, path: str) -> LayerSite:
         if path not in self._sites:
@@ -239,6 +192,74 @@ class AdapterModel(nn.Module):
 
     def adapter_config(self, name: str) -> LoRAConfig:
         return self._require(name).config
+
+    def set_head(self, name: str, path: str, module: nn.Module) -> None:
+        """Replace adapter ``name``'s head at ``path`` with ``module`` (e.g. a classifier with another
+        number of classes); it takes the adapter's device, mode and trainability."""
+        adapter = self._require(name)
+        key = module_key(path)
+        if key not in adapter.heads:
+            heads = ", ".join(p for p, _ in adapter.head_items()) or "none"
+            raise TargetError(f"adapter {name!r} has no head {path!r} (heads: {heads})")
+        module.to(next(iter(self.backbone.parameters()), torch.empty(0)).device)
+        module.requires_grad_(name in _names(self._active))
+        module.train(self.training)
+        adapter.heads[key] = module
+        self._head_sites[path].heads[name] = module
+
+    # --- records: an adapter as plain data, for the file codecs --------------------------------
+    def export_record(self, name: str) -> AdapterRecord:
+        """A snapshot of adapter ``name``: config, layer specs, head paths, tensors (CPU copies under
+        their file keys), metadata and this backbone's fingerprint."""
+        adapter = self._require(name)
+        return AdapterRecord(
+            config=copy.deepcopy(adapter.config),
+            layers={p: m.spec() for p, m in adapter.layer_items()},
+            heads=[p for p, _ in adapter.head_items()],
+            tensors=adapter.state_tensors(copy=True),
+            metadata=copy.deepcopy(adapter.metadata),
+            fingerprint=self.fingerprint,
+        )
+
+    def add_adapter_from_record(self, name: str, record: AdapterRecord, *, force: bool = False) -> Adapter:
+        """Add adapter ``name`` from ``record``. A record made for another backbone is refused unless
+        ``force``; heads take the saved output sizes; every tensor must match a key of the rebuilt adapter,
+        with its shape. Nothing is added if anything is wrong."""
+        source = record.source
+        if record.fingerprint != self.fingerprint and not force:
+            raise FingerprintMismatch(
+                f"{source}: made for backbone {record.fingerprint[:12] or '?'}…, this backbone is "
+                f"{self.fingerprint[:12]}… (pass force=True to load anyway)"
+            )
+        if name in self.adapters:
+            raise ConfigError(f"an adapter named {name!r} already exists (delete_adapter it first)")
+        config = copy.deepcopy(record.config)
+        config.heads = list(record.heads)  # the paths the heads were found at, not the patterns
+        tensors = record.tensors
+        head_modules = {p: head_from_tensors(self._module_for_layer(p), p, tensors, source) for p in config.heads}
+        adapter = self.add_adapter(name, config, head_modules=head_modules, layer_specs=record.layers)
+        try:
+            expected = adapter.state_tensors()
+            missing = sorted(set(expected) - set(tensors))
+            if missing:
+                raise AdapterFileError(f"{source}: missing key {missing[0]}" + _more(missing))
+            extra = sorted(set(tensors) - set(expected))
+            if extra:
+                raise AdapterFileError(f"{source}: unexpected key {extra[0]}" + _more(extra))
+            for key in sorted(expected):
+                got, want = tuple(tensors[key].shape), tuple(expected[key].shape)
+                if got != want:
+                    raise AdapterFileError(f"{source}: key {key} has shape {got}, expected {want}")
+            for path, module in [*adapter.layer_items(), *adapter.head_items()]:
+                prefix = path + "."
+                own = module.state_dict()
+                module.load_state_dict({k[len(prefix) :]: t for k, t in tensors.items()
+                                        if k.startswith(prefix) and k[len(prefix) :] in own})  # fmt: skip
+        except Exception:
+            self.delete_adapter(name)
+            raise
+        adapter.metadata = copy.deepcopy(record.metadata)
+        return adapter
 
     # --- activation ----------------------------------------------------------------------------
     @property
@@ -381,9 +402,13 @@ class AdapterModel(nn.Module):
         or taken from ``head="<adapter>"`` (``head=""``: none). The recipe and the relative Frobenius
         error of each truncation are in ``adapter.metadata["recipe"]``.
         """
-        from .compose.combine import combine
-
-        return combine(self, new_name, names, weights, method, **params)
+        sources = [(n, self._require(n)) for n in names]
+        if new_name in self.adapters:
+            raise ConfigError(f"an adapter named {new_name!r} already exists (delete_adapter it first)")
+        record = combine_adapters(
+            sources, weights, method, base_for=self._module_for_layer, fingerprint=self.fingerprint, **params
+        )
+        return self.add_adapter_from_record(new_name, record)
 
     # --- counts --------------------------------------------------------------------------------
     def num_backbone_parameters(self) -> int:
@@ -405,34 +430,25 @@ class AdapterModel(nn.Module):
 
     # --- files ---------------------------------------------------------------------------------
     def save_adapter(self, name: str, path: str | Path) -> None:
-        from .formats.adapter_file import save_adapter
-
-        save_adapter(self, name, path)
+        """Write adapter ``name`` as an adapter file (safetensors; the same adapter, the same bytes)."""
+        adapter_file.save(self.export_record(name), path)
 
     def load_adapter(self, name: str, path: str | Path, *, force: bool = False) -> Adapter:
-        from .formats.adapter_file import load_adapter
-
-        return load_adapter(self, name, path, force=force)
+        return self.add_adapter_from_record(name, adapter_file.load(path), force=force)
 
     def adapter_to_bytes(self, name: str) -> bytes:
-        from .formats.adapter_file import adapter_to_bytes
-
-        return adapter_to_bytes(self, name)
+        return adapter_file.encode(self.export_record(name))
 
     def adapter_from_bytes(self, name: str, data: bytes, *, force: bool = False) -> Adapter:
-        from .formats.adapter_file import adapter_from_bytes
-
-        return adapter_from_bytes(self, name, data, force=force)
+        return self.add_adapter_from_record(name, adapter_file.decode(data), force=force)
 
     def export_peft(self, name: str, directory: str | Path, *, base_model_name_or_path: str | None = None) -> None:
-        from .formats.peft import export_peft
-
-        export_peft(self, name, directory, base_model_name_or_path=base_model_name_or_path)
+        peft.export_peft(self.export_record(name), directory, base_model_name_or_path=base_model_name_or_path)
 
     def import_peft(self, directory: str | Path, name: str, *, adapter_name: str = "default") -> Adapter:
-        from .formats.peft import import_peft
-
-        return import_peft(self, directory, name, adapter_name=adapter_name)
+        record = peft.import_peft(self.backbone, directory, adapter_name=adapter_name)
+        # a PEFT directory names no backbone: finding every module it adapts in this one is the check
+        return self.add_adapter_from_record(name, record, force=True)
 
 
 def _names(spec: str | Stack | Switch | None) -> tuple[str, ...]:
@@ -443,6 +459,10 @@ def _names(spec: str | Stack | Switch | None) -> tuple[str, ...]:
     if isinstance(spec, Stack | Switch):
         return spec.names
     return ()
+
+
+def _more(keys: list[str]) -> str:
+    return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
 
 
 def _under_any(path: str, roots: Sequence[str]) -> bool:

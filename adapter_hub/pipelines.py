@@ -1,24 +1,96 @@
-"""What the CLI does across the registry and the composition engine, as plain library functions."""
+"""What the CLI does across the registry and the composition engine, as plain library functions.
+
+torch is imported by the functions that need it, so that exporting a stored adapter file, or a command
+refused before any model is built, never waits for it."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import checks
-from .backbones import rebuild
+from .combine_methods import check_method
 from .errors import ConfigError
-from .lora import LoRAConfig
-from .model import AdapterModel
 from .registry import Hub
+from .registry.errors import RegistryError
+from .registry.export import FORMATS, export_version
 from .registry.records import Parent, Version
-from .registry.refs import adapter_path, check_key
+from .registry.refs import adapter_path, check_key, check_name
+
+if TYPE_CHECKING:
+    from .model import AdapterModel
 
 
-def model_for(hub: Hub, version: Version, *, trust_code: bool = False) -> AdapterModel:
-    """An AdapterModel on the backbone a version was made for, rebuilt from the registry's record (a
-    ``module:callable`` there runs only if allowed: see :func:`adapter_hub.backbones.rebuild`)."""
-    record = hub.backbone(version.backbone)
+def model_for(hub: Hub, of: Version | str, *, trust_code: bool = False) -> AdapterModel:
+    """An AdapterModel on a registered backbone, rebuilt from the registry's record: the backbone version
+    ``of`` was made for, or the backbone named ``of``. A record's ``module:callable`` runs only if allowed
+    (``trust_code``, or inside :func:`adapter_hub.backbones.trusting_code`: see
+    :func:`adapter_hub.backbones.rebuild`)."""
+    from .backbones import rebuild
+    from .model import AdapterModel
+
+    record = hub.backbone(of.backbone if isinstance(of, Version) else of)
     return AdapterModel(rebuild(record.name, record.source, record.fingerprint, trust_code=trust_code))
+
+
+def export_ref(
+    hub: Hub,
+    ref: str,
+    dest: str | os.PathLike[str],
+    *,
+    fmt: str = "safetensors",
+    overwrite: bool = False,
+    trust_code: bool = False,
+) -> tuple[Version, Path]:
+    """Write version REF into directory DEST (see :func:`adapter_hub.registry.export.export_version`): its
+    verified adapter file, or, for ``fmt="peft"``, a PEFT directory built on its backbone rebuilt here."""
+    return export_version(hub, ref, dest, fmt=fmt, overwrite=overwrite,
+                          model_for=lambda backbone: model_for(hub, backbone, trust_code=trust_code))  # fmt: skip
+
+
+def import_adapter(
+    hub: Hub,
+    source: str | os.PathLike[str],
+    *,
+    task: str,
+    adapter: str,
+    backbone: str,
+    fmt: str | None = None,
+    peft_name: str = "default",
+    parents: Sequence[str] = (),
+    description: str | None = None,
+    force: bool = False,
+    key: str | None = None,
+    trust_code: bool = False,
+) -> Version:
+    """Register SOURCE, a PEFT LoRA directory or an adapter file, as a new version of TASK/ADAPTER made for
+    the registered ``backbone``. ``fmt`` is "peft" or "safetensors" (default: peft for a directory); ``force``
+    loads an adapter file made for another backbone. The version is tagged ``imported_from`` =
+    ``FORMAT:ABSOLUTE_PATH`` and has an ``imported_from`` edge to each of ``parents``."""
+    src = Path(source).resolve()
+    if not src.exists():
+        raise RegistryError(f"{src} does not exist")
+    fmt = fmt or ("peft" if src.is_dir() else "safetensors")
+    if fmt not in FORMATS:
+        raise RegistryError(f"unknown import format {fmt!r}: expected {' or '.join(FORMATS)}")
+    # everything a user gave is checked before the backbone is rebuilt
+    hub.task(task)
+    check_name("adapter", adapter)
+    if fmt == "peft" and not src.is_dir():
+        raise RegistryError(f"a PEFT import needs a directory, got {src}")
+    if key is not None:
+        check_key(key)
+    for parent in parents:
+        hub.resolve(parent)
+    model = model_for(hub, backbone, trust_code=trust_code)
+    if fmt == "peft":
+        model.import_peft(src, adapter, adapter_name=peft_name)
+    else:
+        model.load_adapter(adapter, src, force=force)
+    return hub.register(model, adapter, task=task, backbone=backbone, parents=[(p, "imported_from") for p in parents],
+                        tags={"imported_from": f"{fmt}:{src}"}, description=description, key=key)  # fmt: skip
 
 
 def compose_refs(
@@ -41,6 +113,7 @@ def compose_refs(
     hub.task(task)
     if len(refs) < 2:
         raise ConfigError("compose needs at least two versions")
+    check_method(method, density)  # the engine's own check, made before a backbone is rebuilt
     weights = checks.weights(weights, len(refs))
     if density is not None:
         density = checks.number("density", density, above=0, at_most=1)
@@ -104,6 +177,7 @@ def train_adapter(
     from torch import nn
 
     from . import backbones, data, distributed, training
+    from .lora import LoRAConfig
 
     # every name, ref, number and path is checked before the data is read or a step is taken
     task, name = adapter_path(output, "train")
@@ -127,7 +201,7 @@ def train_adapter(
     distributed.setup()
     num_classes = (task_record.output or {}).get("num_classes")
     dataset = data.load_imagefolder(data_dir, num_classes=num_classes)
-    model = AdapterModel(rebuild(record.name, record.source, record.fingerprint))
+    model = model_for(hub, record.name)
     head = model.backbone.get_submodule(head_path)
     torch.manual_seed(seed)  # the new head and LoRA factors: the same seed gives the same version
     new_head = nn.Linear(head.in_features, dataset.num_classes)

@@ -292,8 +292,7 @@ def transfer_init(model, source: str, new_name: str, *, head_modules: dict[str, 
         if key in adapter.heads:
             mine = adapter.heads[key]
             if any(a.shape != b.shape for a, b in zip(mine.state_dict().values(), head.state_dict().values())):
-                adapter.heads[key] = head
-                model._head_sites[path].heads[new_name] = head
+                model.set_head(new_name, path, head)
     adapter.metadata = {"transferred_from": source}
     return adapter
 

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import seeded_backbone, trained_model
 
-from adapter_hub import AdapterModel, Hub, LoRAConfig, backbones, data
+from adapter_hub import AdapterModel, Hub, LoRAConfig, backbones, data, pipelines
+from adapter_hub.errors import ConfigError
 
 
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
@@ -100,3 +103,21 @@ def test_train_then_transfer_then_eval_through_the_cli(tmp_path: Path):
     assert other.returncode == 0
     cross = cli(home, "train", "inv/y", "--backbone", "other", "--data", str(tmp_path / "inv"), "--from", "rot/lora")
     assert cross.returncode == 1 and "was made for backbone 'small'" in cross.stderr
+
+
+def test_compose_refuses_a_method_it_cannot_run_before_rebuilding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The engine's method checks are made by `compose_refs` before a backbone is rebuilt or an adapter loaded."""
+
+    def rebuilt(*_args, **_kwargs):
+        raise AssertionError("the backbone was rebuilt before the method was checked")
+
+    monkeypatch.setattr(pipelines, "model_for", rebuilt)
+    with Hub.open(tmp_path / "home") as hub:
+        hub.add_backbone("tiny", seeded_backbone(0))
+        hub.add_task("t")
+        for seed, name in ((1, "a"), (2, "b")):
+            hub.register(trained_model(seed), "a", task="t", name=name)
+        for method, message in (("ties", "method 'ties' needs density="), ("mean", "unknown combine method 'mean'")):
+            with pytest.raises(ConfigError, match=message):
+                pipelines.compose_refs(hub, ["t/a", "t/b"], "t/ab", method=method)
+        assert [s.name for s in hub.ls()] == ["a", "b"], "nothing was registered"

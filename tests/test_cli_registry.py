@@ -189,3 +189,80 @@ def test_db_upgrade_and_current(tmp_path: Path) -> None:
     assert f"upgraded from 0001 to {schema.head_revision()}" in cli(home, "db", "upgrade").stdout
     with Hub.open(home) as hub:
         assert hub.ls() == []
+
+
+def test_the_command_line_starts_without_torch_and_offers_the_engines_methods(tmp_path: Path) -> None:
+    """`--help`, `compose average --help` and `db current` import no torch; the combine methods the CLI offers
+    are the ones the engine runs (one list, in a module without torch)."""
+    from adapter_hub.combine_methods import METHODS
+    from adapter_hub.compose import combine
+
+    env = {**os.environ, "ADAPTER_HUB_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    env.pop("ADAPTER_HUB_DB", None)
+    runs = [
+        subprocess.run([sys.executable, "-X", "importtime", "-m", "adapter_hub.cli", *args], env=env,
+                       capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+        for args in (("--help",), ("compose", "average", "--help"), ("db", "current"))
+    ]
+    for run in runs:
+        imported = [line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import")]
+        assert imported and not [m for m in imported if m.split(".")[0] == "torch"], run.args
+    offered = re.search(r"\[(linear\|[^\]]*)\]", runs[1].stdout)
+    assert offered is not None and tuple(offered[1].split("|")) == METHODS
+    assert combine.check_method("svd", None) == "svd"  # the engine checks a method against the same list
+
+
+def test_db_commands_refuse_bad_input_in_one_line(tmp_path: Path) -> None:
+    home = tmp_path / "fresh"
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = list(pool.map(lambda kw: cli(home, *kw.pop("args"), ok=False, **kw), [
+            {"args": ("db", "upgrade", "no-such-revision")},
+            {"args": ("db", "upgrade", "head+5")},  # alembic itself fails on it with a bare assertion
+            {"args": ("db", "current"), "db": "nosuchdialect://x"},
+            {"args": ("db", "upgrade"), "db": "postgresql+psycopg://nobody@127.0.0.1:1/none"},
+        ]))  # fmt: skip
+    unknown, beyond, dialect, unreachable = (r.stderr for r in runs)
+    assert "cannot upgrade database" in unknown and "'no-such-revision'" in unknown
+    assert "to revision 'head+5'" in beyond
+    assert "cannot open database nosuchdialect://x" in dialect
+    assert "cannot open database postgresql+psycopg://nobody@127.0.0.1:1/none" in unreachable
+    assert json.loads(cli(home, "--json", "db", "current").stdout)["status"] == "empty", "nothing was migrated"
+
+
+def test_import_through_the_library_and_its_checks_before_rebuilding(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pipelines.import_adapter` is what `adapter-hub import` runs: an adapter file comes back as a version
+    tagged and linked to where it came from; bad input is refused before the backbone is rebuilt."""
+    from adapter_hub import pipelines
+    from adapter_hub.errors import AdapterHubError
+
+    with Hub.open(home) as hub:
+        _version, file = pipelines.export_ref(hub, "digits/lora:1", tmp_path / "out")
+        imported = pipelines.import_adapter(hub, file, task="digits", adapter="from-file", backbone="tiny",
+                                            parents=["digits/lora:1"], trust_code=True)  # fmt: skip
+        assert imported.tags == {"imported_from": f"safetensors:{file.resolve()}"}
+        assert [(e.parent, e.relation) for e in hub.lineage(imported.ref).parents(imported.ref)] == [
+            ("digits/lora:1", "imported_from")
+        ]
+        assert hub.read_artifact(imported.ref)[1] == hub.read_artifact("digits/lora:1")[1]
+
+        def rebuilt(*_args: Any, **_kwargs: Any) -> Any:
+            raise AssertionError("the backbone was rebuilt before the input was checked")
+
+        monkeypatch.setattr(pipelines, "model_for", rebuilt)
+        before = [s.to_dict() for s in hub.ls()]
+        for changed, message in [
+            ({"fmt": "peft"}, "a PEFT import needs a directory"),
+            ({"fmt": "onnx"}, "unknown import format 'onnx'"),
+            ({"task": "nope"}, "unknown task 'nope'"),
+            ({"adapter": "a b"}, "invalid adapter name 'a b'"),
+            ({"parents": ["digits/nothere"]}, "digits/nothere"),
+            ({"key": "a key"}, "registration key"),
+        ]:
+            kwargs: dict[str, Any] = {"task": "digits", "adapter": "again", "backbone": "tiny", **changed}
+            with pytest.raises(AdapterHubError, match=re.escape(message)):
+                pipelines.import_adapter(hub, file, **kwargs)
+        with pytest.raises(AdapterHubError, match="does not exist"):
+            pipelines.import_adapter(hub, tmp_path / "missing", task="digits", adapter="again", backbone="tiny")
+        assert [s.to_dict() for s in hub.ls()] == before

@@ -37,8 +37,9 @@ def test_demo_runs_end_to_end_then_reuses_the_registry(tmp_path: Path, backbone:
     assert second.returncode == 0, second.stderr
     again = json.loads(second.stdout)
     assert again["trained"] == [] and len(again["reused"]) == 7  # backbone + 6 adapter versions
-    for a, b in zip(report["rows"], again["rows"]):
-        assert a["lora"] == b["lora"] and a["merged"] == b["merged"], "reloaded adapters give the same accuracy"
+    # every number of a row comes back: re-evaluated from the reloaded adapters or read from registered metrics
+    assert again["rows"] == report["rows"]
+    assert again["reused"] == report["trained"], "the same versions, found in the same order"
 
     lineage = run(tmp_path, "lineage", "digits-multitask/ties-r24@demo", "--format", "mermaid")
     assert lineage.returncode == 0, lineage.stderr

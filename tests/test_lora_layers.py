@@ -3,7 +3,10 @@ from the saved A and B tensors (not with the layer's own delta_weight)."""
 
 from __future__ import annotations
 
+import ast
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,13 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+import adapter_hub
 from adapter_hub.lora import (
+    LoRAConfigError,
     LoRAConv1d,
     LoRAConv2d,
     LoRAConv3d,
     LoRAEmbedding,
+    LoRALayer,
     LoRALinear,
     LoRAMultiheadAttention,
+    lora_class_for,
     lora_scaling,
 )
 from adapter_hub.lora.site import AttentionSite, LayerSite, Routing
@@ -210,3 +217,179 @@ def test_attention_rejects_unsupported_variants():
         LoRAMultiheadAttention(nn.MultiheadAttention(8, 2, kdim=4, vdim=4), r=2, alpha=2)
     with pytest.raises(TypeError, match="add_bias_kv"):
         LoRAMultiheadAttention(nn.MultiheadAttention(8, 2, add_bias_kv=True), r=2, alpha=2)
+
+
+# --- the public geometry contract: spec() / from_spec() and the properties outside modules read ---
+
+
+def _spec_cases() -> dict[str, tuple[nn.Module, type[LoRALayer], dict]]:
+    """One base module and LoRA keywords per layer type and conv option."""
+    cases: dict[str, tuple[nn.Module, type[LoRALayer], dict]] = {
+        "linear": (nn.Linear(7, 5), LoRALinear, {"r": 3, "alpha": 6.0}),
+        "linear-rslora": (nn.Linear(7, 5), LoRALinear, {"r": 4, "alpha": 8.0, "use_rslora": True}),
+        "embedding": (nn.Embedding(11, 6, padding_idx=0), LoRAEmbedding, {"r": 3, "alpha": 3.0}),
+        "attention": (nn.MultiheadAttention(8, 2), LoRAMultiheadAttention, {"r": 2, "alpha": 4.0}),
+    }
+    for dim, (conv_cls, lora_cls) in CONVS.items():
+        cases[f"conv{dim}d"] = (conv_cls(4, 6, 3, padding=1), lora_cls, {"r": 3, "alpha": 6.0})
+        cases[f"conv{dim}d-grouped"] = (conv_cls(4, 6, 3, groups=2, dilation=2), lora_cls, {"r": 3, "alpha": 2.0})
+        cases[f"conv{dim}d-depthwise"] = (conv_cls(6, 6, 3, groups=6, padding="same"), lora_cls, {"r": 8, "alpha": 8.0})
+        cases[f"conv{dim}d-rank"] = (conv_cls(4, 8, 3, groups=2, stride=2), lora_cls, {"r": 2, "alpha": 2.0, "rank": 6})
+        cases[f"conv{dim}d-peft-a"] = (conv_cls(4, 6, 1, groups=2), lora_cls, {"r": 4, "alpha": 4.0, "a_groups": 1})
+    return cases
+
+
+def _input_for(base: nn.Module) -> torch.Tensor:
+    if isinstance(base, nn.Embedding):
+        return torch.tensor([[0, 3, 10], [5, 5, 1]])
+    if isinstance(base, nn.Linear):
+        return torch.randn(2, base.in_features)
+    if isinstance(base, nn.MultiheadAttention):
+        return torch.randn(3, 2, base.embed_dim)
+    return torch.randn(2, base.in_channels, *([7] * (base.weight.dim() - 2)))
+
+
+@pytest.mark.parametrize("case", list(_spec_cases()))
+def test_spec_round_trip_rebuilds_the_same_delta(case):
+    torch.manual_seed(11)
+    base, lora_cls, kwargs = _spec_cases()[case]
+    use_rslora = kwargs.pop("use_rslora", False)
+    layer = lora_cls(base, **kwargs, use_rslora=use_rslora)
+    randomize(layer)
+    spec = json.loads(json.dumps(layer.spec()))  # what the adapter file stores, through JSON
+    assert spec == layer.spec(), "spec() is plain JSON"
+    rebuilt = lora_class_for(base).from_spec(base, spec, use_rslora=use_rslora)
+    assert type(rebuilt) is lora_cls and rebuilt.spec() == spec
+    assert (rebuilt.r, rebuilt.alpha, rebuilt.scaling) == (layer.r, layer.alpha, layer.scaling)
+    assert (rebuilt.rank, rebuilt.groups, rebuilt.a_groups) == (layer.rank, layer.groups, layer.a_groups)
+    shapes = {k: t.shape for k, t in layer.state_dict().items()}
+    assert {k: t.shape for k, t in rebuilt.state_dict().items()} == shapes
+    rebuilt.load_state_dict(layer.state_dict())
+    x = _input_for(base)
+    torch.testing.assert_close(rebuilt(x), layer(x), rtol=0, atol=0)
+    if layer.mergeable:
+        got, want = rebuilt.delta_weights(), layer.delta_weights()
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+    else:
+        assert case.endswith("peft-a") and rebuilt.merge_blocker() == layer.merge_blocker()
+
+
+def test_spec_is_the_adapter_file_format():
+    """The exact per-layer header entry of the adapter file: changing it would change saved bytes."""
+    assert LoRALinear(nn.Linear(3, 2), r=2, alpha=4).spec() == {"type": "LoRALinear", "r": 2, "alpha": 4.0}
+    conv = LoRAConv2d(nn.Conv2d(4, 8, 3, groups=2), r=3, alpha=3)
+    assert conv.spec() == {"type": "LoRAConv2d", "r": 3, "alpha": 3.0, "rank": 4, "a_groups": 2}
+    assert LoRAConv1d(nn.Conv1d(4, 4, 1), r=2, alpha=2).spec() == {
+        "type": "LoRAConv1d", "r": 2, "alpha": 2.0, "rank": 2, "a_groups": 1,
+    }  # fmt: skip
+    attention = LoRAMultiheadAttention(nn.MultiheadAttention(8, 2), r=2, alpha=2)
+    assert attention.spec() == {"type": "LoRAMultiheadAttention", "r": 2, "alpha": 2.0}
+    assert (attention.rank, attention.groups, attention.a_groups) == (2, 1, 1)
+    assert [type(v) for v in conv.spec().values()] == [str, int, float, int, int]
+
+
+def test_from_spec_refuses_a_bad_spec_in_one_line():
+    base = nn.Conv2d(4, 4, 3, groups=2)
+    with pytest.raises(LoRAConfigError, match="is for a LoRALinear, but this base module takes a LoRAConv2d"):
+        LoRAConv2d.from_spec(base, {"type": "LoRALinear", "r": 2, "alpha": 2.0})
+    with pytest.raises(LoRAConfigError, match="has no 'alpha'"):
+        LoRAConv2d.from_spec(base, {"r": 2})
+    with pytest.raises(LoRAConfigError, match="'r' must be an integer, got 2.5"):
+        LoRAConv2d.from_spec(base, {"r": 2.5, "alpha": 2.0})
+    with pytest.raises(LoRAConfigError, match="'alpha' must be a number, got True"):
+        LoRAConv2d.from_spec(base, {"r": 2, "alpha": True})
+    with pytest.raises(LoRAConfigError, match="a_groups must be 1 or the base groups"):
+        LoRAConv2d.from_spec(base, {"r": 2, "alpha": 2.0, "a_groups": 3})
+    with pytest.raises(LoRAConfigError, match="rank 3 is not a positive multiple"):
+        LoRAConv2d.from_spec(base, {"r": 2, "alpha": 2.0, "rank": 3})
+    with pytest.raises(LoRAConfigError, match="must be a mapping"):
+        LoRALinear.from_spec(nn.Linear(2, 2), [2, 2.0])  # type: ignore[arg-type]
+    with pytest.raises(LoRAConfigError, match="positive"):
+        LoRALinear.from_spec(nn.Linear(2, 2), {"r": 0, "alpha": 1.0})
+    # keys a layer type does not read are ignored, as the adapter file always has
+    assert LoRALinear.from_spec(nn.Linear(2, 2), {"r": 2, "alpha": 1.0, "a_groups": 1}).spec()["r"] == 2
+
+
+def test_embedding_init_picks_the_law_of_b():
+    base = nn.Embedding(10, 4096)
+    torch.manual_seed(0)
+    default = LoRAEmbedding(base, r=8, alpha=8)
+    gaussian = LoRAEmbedding(base, r=8, alpha=8, init="gaussian")
+    for layer in (default, gaussian):
+        assert torch.equal(layer.lora_A.weight, torch.zeros_like(layer.lora_A.weight)), "ΔW starts at zero"
+    assert abs(default.lora_B.weight.std().item() - 1.0) < 0.02, "kaiming (default): B ~ N(0, 1)"
+    assert abs(gaussian.lora_B.weight.std().item() - 1 / 8) < 0.0025, "gaussian: B ~ N(0, 1/r²)"
+    with pytest.raises(LoRAConfigError, match="unknown LoRA init 'orthogonal'"):
+        LoRAEmbedding(base, r=8, alpha=8, init="orthogonal")
+
+
+def _private_lora_names(source: str, package: str, lora_modules: set[str]) -> list[str]:
+    """Private (underscore) names of adapter_hub.lora that a module of ``package`` imports or reads."""
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+    def absolute(node: ast.ImportFrom) -> str:
+        if not node.level:
+            return node.module or ""
+        parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+        return ".".join([*parts, *([node.module] if node.module else [])])
+
+    found: list[str] = []
+    aliases: set[str] = set()  # local names bound to adapter_hub.lora or one of its modules
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = absolute(node)
+            for alias in node.names:
+                full = f"{module}.{alias.name}"
+                if module == "adapter_hub.lora" or module.startswith("adapter_hub.lora."):
+                    found += [full] if private(alias.name) else []
+                if full in lora_modules:
+                    aliases.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in lora_modules:
+                    found += [alias.name] if any(private(p) for p in alias.name.split(".")) else []
+                    aliases.add(alias.asname or alias.name)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and private(node.attr):
+            chain, value = [node.attr], node.value
+            while isinstance(value, ast.Attribute):
+                chain.insert(0, value.attr)
+                value = value.value
+            if isinstance(value, ast.Name):
+                dotted = ".".join([value.id, *chain])
+                if any(dotted.startswith(a + ".") for a in aliases):
+                    found.append(dotted)
+    return found
+
+
+def test_no_module_outside_lora_uses_a_private_lora_name():
+    root = Path(adapter_hub.__file__).parent
+    lora_modules = {"adapter_hub.lora"} | {f"adapter_hub.lora.{p.stem}" for p in (root / "lora").glob("*.py")}
+    # the scanner itself catches each form a private name can come in by
+    for bad in (
+        "from ..lora.conv import _LoRAConvNd",
+        "from ..lora import conv\nconv._LoRAConvNd",
+        "from .. import lora\nlora.conv._CONV",
+        "import adapter_hub.lora.conv as c\nc._LoRAConvNd",
+        "from adapter_hub.lora.base import _Layer",
+    ):
+        assert _private_lora_names(bad, "adapter_hub.formats", lora_modules), bad
+    fine = "from ..lora import LoRALayer, conv\nLoRALayer.__doc__, conv.LoRAConv2d"
+    assert not _private_lora_names(fine, "adapter_hub.formats", lora_modules)
+
+    checked, offenders = 0, {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent)
+        if rel.parts[:2] == ("adapter_hub", "lora"):
+            continue
+        names = _private_lora_names(path.read_text(), ".".join(rel.parent.parts), lora_modules)
+        checked += 1
+        if names:
+            offenders[str(rel)] = names
+    assert checked > 10, "the walk found the package's modules"
+    assert offenders == {}, f"use the public LoRALayer contract (spec/from_spec/rank/groups/a_groups): {offenders}"

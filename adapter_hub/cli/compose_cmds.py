@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import click
 
+from ..combine_methods import METHODS
 from ..errors import ConfigError
 from ._app import State, emit_json, key_option, pass_state
-
-METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
 def _weights(text: str | None) -> list[float] | None:

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
-from ..registry.errors import RegistryError
+from ..registry.export import FORMATS as FORMAT_NAMES
 from ._app import State, emit_json, key_option, pass_state, plain
 
-FORMATS = click.Choice(["safetensors", "peft"])
-
-
-def _model_on(hub: Any, backbone_name: str, *, trust_code: bool = False) -> Any:
-    from ..backbones import rebuild as build_checked
-    from ..model import AdapterModel
-
-    record = hub.backbone(backbone_name)
-    return AdapterModel(build_checked(record.name, record.source, record.fingerprint, trust_code=trust_code))
+FORMATS = click.Choice(FORMAT_NAMES)
 
 
 @click.command()
@@ -31,17 +22,9 @@ def export(state: State, ref: str, dest: str, fmt: str, overwrite: bool) -> None
     """Write version REF into directory DEST: its verified adapter file DEST/TASK+ADAPTER-vN.safetensors, or
     (--format peft) DEST as a PEFT LoRA directory. DEST is created if missing (its parent must exist); an
     existing file, or a non-empty DEST for peft, is replaced only with --overwrite."""
-    from ..registry.export import export_version
+    from ..pipelines import export_ref
 
-    hub = state.hub()
-    version, target = export_version(
-        hub,
-        ref,
-        dest,
-        fmt=fmt,
-        overwrite=overwrite,
-        model_for=lambda backbone: _model_on(hub, backbone, trust_code=state.trust_code),
-    )
+    version, target = export_ref(state.hub(), ref, dest, fmt=fmt, overwrite=overwrite, trust_code=state.trust_code)
     click.echo(f"exported {version.ref} to {plain(target)}")
 
 
@@ -71,28 +54,12 @@ def import_(
     key: str | None,
 ) -> None:
     """Register SOURCE (a PEFT directory or an adapter file) as a new version of TASK/ADAPTER."""
-    hub = state.hub()
-    src = Path(source).resolve()
-    fmt = fmt or ("peft" if src.is_dir() else "safetensors")
-    hub.task(task)  # fail before building anything
-    model = _model_on(hub, backbone, trust_code=state.trust_code)
-    if fmt == "peft":
-        if not src.is_dir():
-            raise RegistryError(f"a PEFT import needs a directory, got {src}")
-        model.import_peft(src, adapter, adapter_name=peft_name)
-    else:
-        model.load_adapter(adapter, src, force=force)
-    version = hub.register(
-        model,
-        adapter,
-        task=task,
-        backbone=backbone,
-        parents=[(p, "imported_from") for p in parents],
-        tags={"imported_from": f"{fmt}:{src}"},
-        description=description,
-        key=key,
-    )
+    from ..pipelines import import_adapter
+
+    version = import_adapter(state.hub(), source, task=task, adapter=adapter, backbone=backbone, fmt=fmt,
+                             peft_name=peft_name, parents=parents, description=description, force=force, key=key,
+                             trust_code=state.trust_code)  # fmt: skip
     if state.json:
         emit_json(version.to_dict())
     else:
-        click.echo(f"imported {src} as {version.ref}")
+        click.echo(f"imported {plain(Path(source).resolve())} as {version.ref}")

@@ -5,68 +5,62 @@ carry cross terms BᵢAⱼ). Exact methods (linear, cat) concatenate the factors
 sum from its factors; the dense methods (ties, dare_*, magnitude_prune) build the merged ΔW per layer
 and factorise it back to rank k. A grouped conv is combined group block by group block, so the result
 stays mergeable.
+
+``combine`` takes the source adapters and returns an ``AdapterRecord``; ``AdapterModel.combine`` adds it
+like any other record, so this module needs no model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import AdapterNotFound, ConfigError, MergeError
+from ..adapter import Adapter
+from ..combine_methods import EXACT, check_method
+from ..errors import ConfigError, MergeError
+from ..formats.record import AdapterRecord
 from ..lora import LoRAConfig, LoRALayer, plain_copy
-from ..lora.conv import _LoRAConvNd
 from . import merge
-
-if TYPE_CHECKING:
-    from ..model import Adapter, AdapterModel
-
-EXACT = ("linear", "cat")
-DENSE = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-METHODS = (*EXACT, "svd", *DENSE)
 
 Factors = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def combine(
-    model: AdapterModel,
-    new_name: str,
-    names: Sequence[str],
+    sources: Sequence[tuple[str, Adapter]],
     weights: Sequence[float] | None = None,
     method: str = "linear",
     *,
+    base_for: Callable[[str], nn.Module],
+    fingerprint: str = "",
     density: float | None = None,
     rank: int | None = None,
     sign: str = "total",
     seed: int = 0,
     head: str | None = None,
-) -> Adapter:
-    """Combine adapters ``names`` into the new adapter ``new_name`` (see ``AdapterModel.combine``)."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown combine method {method!r}; choose one of {', '.join(METHODS)}")
-    if not names:
+) -> AdapterRecord:
+    """The record of the adapter that combines ``sources`` (name, adapter) by ``method`` (see
+    ``AdapterModel.combine``). ``base_for(path)`` gives the backbone module at a path, which fixes the
+    combined layers' shapes; ``fingerprint`` is the backbone's, written into the record."""
+    check_method(method, density)
+    if not sources:
         raise ConfigError("combine needs at least one adapter")
-    for n in names:
-        if n not in model.adapters:
-            raise AdapterNotFound(f"no adapter named {n!r} (adapters: {', '.join(model.adapters) or 'none'})")
-    if new_name in model.adapters:
-        raise ConfigError(f"an adapter named {new_name!r} already exists (delete_adapter it first)")
+    names = [n for n, _ in sources]
     ws = [1.0 / len(names)] * len(names) if weights is None else [float(w) for w in weights]
     if len(ws) != len(names):
         raise ConfigError(f"combine got {len(names)} adapters but {len(ws)} weights")
-    if method in DENSE and density is None:
-        raise ConfigError(f"method {method!r} needs density= (the fraction of each delta to keep)")
     if rank is not None and (isinstance(rank, bool) or int(rank) < 1):
         raise ConfigError(f"rank must be a positive integer, got {rank}")
-    adapters = [model.adapters[n] for n in names]
+    adapters = [a for _, a in sources]
     generator = torch.Generator().manual_seed(seed)
 
     layer_maps = [dict(a.layer_items()) for a in adapters]
     paths = list(dict.fromkeys(p for layers in layer_maps for p in layers))
     merged: dict[str, dict[str, Factors]] = {}
     specs: dict[str, dict[str, Any]] = {}
+    kinds: dict[str, type[LoRALayer]] = {}
     reports: dict[str, list[merge.TruncationReport]] = {}
     for path in paths:
         present = [(layers[path], w) for layers, w in zip(layer_maps, ws) if path in layers]
@@ -89,6 +83,7 @@ def combine(
             per_param[param] = out_blocks
         merged[path] = per_param
         specs[path] = _spec(layers[0], per_param)
+        kinds[path] = type(layers[0])
 
     heads = _combine_heads(adapters, names, ws, head)
     errors = {p: merge.overall_rel_error(r) for p, r in reports.items()}
@@ -99,10 +94,10 @@ def combine(
         targets=list(paths),
         heads=list(heads),
     )
-    adapter = model.add_adapter(new_name, config, head_modules=heads, layer_specs=specs)
-    for path, layer in adapter.layer_items():
-        layer.set_factors(merged[path])
-    adapter.metadata["recipe"] = {
+    layer_specs, tensors = _layer_state(kinds, specs, merged, config, base_for)
+    for path, module in heads.items():
+        tensors.update({f"{path}.{k}": t.detach().cpu().contiguous() for k, t in module.state_dict().items()})
+    recipe = {
         "sources": list(names),
         "weights": ws,
         "method": method,
@@ -120,7 +115,41 @@ def combine(
         "rel_error": merge.overall_rel_error(all_reports) if all_reports else 0.0,
         "layer_rel_error": errors,
     }
-    return adapter
+    return AdapterRecord(
+        config=config,
+        layers=layer_specs,
+        heads=list(heads),
+        tensors=tensors,
+        metadata={"recipe": recipe},
+        fingerprint=fingerprint,
+        source="combined adapter",
+    )
+
+
+def _layer_state(
+    kinds: dict[str, type[LoRALayer]],
+    specs: dict[str, dict[str, Any]],
+    merged: dict[str, dict[str, Factors]],
+    config: LoRAConfig,
+    base_for: Callable[[str], nn.Module],
+) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+    """Each combined layer's full spec and its tensors under their file keys, read off a scratch layer
+    set to the combined factors (only the layer class knows how factors map onto its A and B)."""
+    bases = {path: base_for(path) for path in specs}
+    cuda = sorted({p.device.index or 0 for b in bases.values() for p in b.parameters() if p.is_cuda})
+    layer_specs: dict[str, dict[str, Any]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    # the scratch layers' random init must not move the global generators: adding the record draws from
+    # them exactly as adding the adapter directly always has
+    with torch.random.fork_rng(devices=cuda):
+        for path, spec in specs.items():
+            layer = kinds[path].from_spec(
+                bases[path], spec, use_rslora=config.use_rslora, dropout=config.dropout, init=config.init
+            )
+            layer.set_factors(merged[path])
+            layer_specs[path] = layer.spec()
+            tensors.update({f"{path}.{k}": t.detach().cpu().contiguous() for k, t in layer.state_dict().items()})
+    return layer_specs, tensors
 
 
 def _combine_block(
@@ -152,12 +181,13 @@ def _combine_block(
 
 
 def _spec(layer: LoRALayer, per_param: dict[str, Factors]) -> dict[str, Any]:
-    """Layer geometry for the combined delta: scaling 1 (α = r), rank from the combined factors."""
-    block_rank = next(iter(per_param.values()))[0][1].shape[0]
-    if isinstance(layer, _LoRAConvNd):
-        total = block_rank * layer.groups
-        return {"r": total, "alpha": float(total), "rank": total, "a_groups": layer.groups}
-    return {"r": block_rank, "alpha": float(block_rank)}
+    """Layer geometry for the combined delta: scaling 1 (α = r), rank from the combined factors, one
+    block per group (a layer with ``groups`` > 1 keeps its A grouped, so the result stays mergeable)."""
+    total = next(iter(per_param.values()))[0][1].shape[0] * layer.groups
+    spec: dict[str, Any] = {"r": total, "alpha": float(total)}
+    if layer.groups > 1:
+        spec.update(rank=total, a_groups=layer.groups)
+    return spec
 
 
 def _combine_heads(

@@ -1,5 +1,6 @@
 """Adapter files: the adapter-hub safetensors format, PEFT directories, backbone fingerprints."""
 
 from .fingerprint import fingerprint
+from .record import AdapterRecord
 
-__all__ = ["fingerprint"]
+__all__ = ["AdapterRecord", "fingerprint"]

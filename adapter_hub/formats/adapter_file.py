@@ -4,6 +4,9 @@ Tensor keys are ``<module path>.lora_A.weight`` / ``.lora_B.weight`` (PEFT's sha
 module's out_proj under ``<path>.out_proj.lora_A.weight``) and each head's state under its module
 path. The header metadata holds the format version, the backbone fingerprint, the config and the exact
 geometry of every layer, so a file rebuilds the same adapter without guessing.
+
+This module is a codec between an ``AdapterRecord`` and those bytes (``encode`` / ``decode``, ``save`` /
+``load`` for files); ``AdapterModel`` turns adapters into records and back.
 """
 
 from __future__ import annotations
@@ -12,50 +15,29 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import safetensors.torch
 import torch
-from torch import nn
 
-from ..errors import AdapterFileError, ConfigError, FingerprintMismatch
-from ..lora import LoRAConfig, plain_copy
-from ..lora.conv import _LoRAConvNd
-
-if TYPE_CHECKING:
-    from ..model import Adapter, AdapterModel
+from ..errors import AdapterFileError
+from ..lora import LoRAConfig
+from .record import AdapterRecord
 
 FORMAT_VERSION = 1
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-def layer_spec(layer: nn.Module) -> dict[str, Any]:
-    spec: dict[str, Any] = {"type": type(layer).__name__, "r": layer.r, "alpha": layer.alpha}
-    if isinstance(layer, _LoRAConvNd):
-        spec.update(rank=layer.rank, a_groups=layer.a_groups)
-    return spec
-
-
-def adapter_tensors(model: AdapterModel, name: str) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under their file keys (CPU, contiguous)."""
-    adapter = model._require(name)
-    out: dict[str, torch.Tensor] = {}
-    for path, module in [*adapter.layer_items(), *adapter.head_items()]:
-        for key, t in module.state_dict().items():
-            out[f"{path}.{key}"] = t.detach().cpu().contiguous()
-    return out
-
-
-def adapter_metadata(model: AdapterModel, name: str) -> dict[str, str]:
-    adapter = model._require(name)
+def header_metadata(record: AdapterRecord) -> dict[str, str]:
+    """The safetensors header metadata of ``record`` (every value a string, as safetensors requires)."""
     return {
         "format": "pt",
         "adapter_hub.format_version": str(FORMAT_VERSION),
-        "adapter_hub.backbone_fingerprint": model.fingerprint,
-        "adapter_hub.config": json.dumps(adapter.config.to_dict(), sort_keys=True),
-        "adapter_hub.layers": json.dumps({p: layer_spec(m) for p, m in adapter.layer_items()}, sort_keys=True),
-        "adapter_hub.heads": json.dumps([p for p, _ in adapter.head_items()]),
-        "adapter_hub.metadata": json.dumps(adapter.metadata, sort_keys=True),
+        "adapter_hub.backbone_fingerprint": record.fingerprint,
+        "adapter_hub.config": json.dumps(record.config.to_dict(), sort_keys=True),
+        "adapter_hub.layers": json.dumps(record.layers, sort_keys=True),
+        "adapter_hub.heads": json.dumps(list(record.heads)),
+        "adapter_hub.metadata": json.dumps(record.metadata, sort_keys=True),
     }
 
 
@@ -86,13 +68,17 @@ def canonical_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping
     return len(text).to_bytes(8, "little") + text + b"".join(chunks)
 
 
-def adapter_to_bytes(model: AdapterModel, name: str) -> bytes:
-    """The file's exact bytes; the same adapter always gives the same bytes."""
-    return canonical_safetensors(adapter_tensors(model, name), adapter_metadata(model, name))
+def encode(record: AdapterRecord) -> bytes:
+    """The file's exact bytes; the same record always gives the same bytes."""
+    return canonical_safetensors(record.tensors, header_metadata(record))
 
 
-def save_adapter(model: AdapterModel, name: str, path: str | os.PathLike) -> None:
-    data = adapter_to_bytes(model, name)
+def save(record: AdapterRecord, path: str | os.PathLike) -> None:
+    """Write ``record`` as an adapter file at ``path``."""
+    write_atomic(path, encode(record))
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:  # write then rename: a crash never leaves half a file under the name
@@ -130,27 +116,21 @@ def read_tensors(data: bytes, source: str) -> tuple[dict[str, torch.Tensor], dic
     return tensors, header.get("__metadata__") or {}
 
 
-def adapter_from_bytes(
-    model: AdapterModel, name: str, data: bytes, *, force: bool = False, source: str = "adapter data"
-) -> Adapter:
-    """Add adapter ``name`` from file bytes. Nothing is modified if anything is wrong."""
+def decode(data: bytes, source: str = "adapter data") -> AdapterRecord:
+    """The record in adapter-file bytes; ``source`` (a path, say) is named in every error. Whether the
+    record fits a backbone is the model's check (``AdapterModel.add_adapter_from_record``)."""
     tensors, meta = read_tensors(data, source)
     if "adapter_hub.layers" not in meta:
         raise AdapterFileError(f"{source}: not an adapter-hub adapter file (no adapter_hub metadata)")
-    version = int(meta.get("adapter_hub.format_version", "0"))
+    try:
+        version = int(meta.get("adapter_hub.format_version", "0"))
+    except ValueError:
+        raise AdapterFileError(f"{source}: malformed adapter_hub metadata (format version is not a number)") from None
     if version > FORMAT_VERSION:
         raise AdapterFileError(
             f"{source}: adapter file format {version} is newer than this adapter-hub reads ({FORMAT_VERSION}); "
             "upgrade adapter-hub"
         )
-    fp = meta.get("adapter_hub.backbone_fingerprint", "")
-    if fp != model.fingerprint and not force:
-        raise FingerprintMismatch(
-            f"{source}: made for backbone {fp[:12] or '?'}…, this backbone is {model.fingerprint[:12]}… "
-            "(pass force=True to load anyway)"
-        )
-    if name in model.adapters:
-        raise ConfigError(f"an adapter named {name!r} already exists (delete_adapter it first)")
     try:
         config = LoRAConfig.from_dict(json.loads(meta["adapter_hub.config"]))
         specs = json.loads(meta["adapter_hub.layers"])
@@ -158,103 +138,23 @@ def adapter_from_bytes(
         extra = json.loads(meta.get("adapter_hub.metadata", "{}"))
     except (KeyError, ValueError, TypeError) as exc:
         raise AdapterFileError(f"{source}: malformed adapter_hub metadata ({exc})") from None
-    config.heads = list(heads)
-    return build_adapter(model, name, config, specs, tensors, source=source, metadata=extra)
+    if not isinstance(specs, dict) or not isinstance(heads, list) or not isinstance(extra, dict):
+        raise AdapterFileError(f"{source}: malformed adapter_hub metadata (layers, heads or metadata of a wrong type)")
+    return AdapterRecord(
+        config=config,
+        layers=specs,
+        heads=heads,
+        tensors=tensors,
+        metadata=extra,
+        fingerprint=meta.get("adapter_hub.backbone_fingerprint", ""),
+        source=source,
+    )
 
 
-def build_adapter(
-    model: AdapterModel,
-    name: str,
-    config: LoRAConfig,
-    specs: Mapping[str, Mapping[str, Any]],
-    tensors: Mapping[str, torch.Tensor],
-    *,
-    source: str,
-    metadata: Mapping[str, Any] | None = None,
-) -> Adapter:
-    """Create the adapter from explicit layer specs, then fill it from ``tensors`` (keys must match
-    exactly, shapes too); on any mismatch the adapter is removed again and the first bad key named."""
-    head_modules = {}
-    for path in config.heads:
-        original = model._module_for_layer(path)
-        head_modules[path] = head_from_tensors(original, path, tensors, source)
-    adapter = model.add_adapter(name, config, head_modules=head_modules, layer_specs=specs)
-    try:
-        expected = adapter_tensors(model, name)
-        missing = sorted(set(expected) - set(tensors))
-        if missing:
-            raise AdapterFileError(f"{source}: missing key {missing[0]}" + _more(missing))
-        extra = sorted(set(tensors) - set(expected))
-        if extra:
-            raise AdapterFileError(f"{source}: unexpected key {extra[0]}" + _more(extra))
-        for key in sorted(expected):
-            if tuple(tensors[key].shape) != tuple(expected[key].shape):
-                raise AdapterFileError(
-                    f"{source}: key {key} has shape {tuple(tensors[key].shape)}, expected {tuple(expected[key].shape)}"
-                )
-        for path, module in [*adapter.layer_items(), *adapter.head_items()]:
-            prefix = path + "."
-            module.load_state_dict({k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)
-                                    and k[len(prefix) :] in module.state_dict()})  # fmt: skip
-    except Exception:
-        model.delete_adapter(name)
-        raise
-    adapter.metadata = dict(metadata or {})
-    return adapter
-
-
-def head_from_tensors(
-    original: nn.Module, path: str, tensors: Mapping[str, torch.Tensor], source: str = "adapter data"
-) -> nn.Module:
-    """A copy of the backbone's module whose tensors take the saved sizes of their first (output)
-    dimension, e.g. a classifier with another number of classes. Any other change of shape is refused."""
-    head = plain_copy(original)
-    for owner_path, owner in head.named_modules():
-        local = {**owner._parameters, **owner._buffers}
-        new_outputs = set()
-        for attr, t in local.items():
-            key = f"{path}.{owner_path + '.' if owner_path else ''}{attr}"
-            saved = tensors.get(key)
-            if t is None or saved is None or saved.shape == t.shape:
-                continue
-            if saved.dim() != t.dim() or saved.dim() == 0 or saved.shape[1:] != t.shape[1:]:
-                raise AdapterFileError(f"{source}: key {key} has shape {tuple(saved.shape)}, expected {tuple(t.shape)}")
-            new_outputs.add(saved.shape[0])
-            new = torch.empty(saved.shape, dtype=t.dtype, device=t.device)
-            if attr in owner._parameters:
-                owner._parameters[attr] = nn.Parameter(new)
-            else:
-                owner._buffers[attr] = new
-        if len(new_outputs) > 1:
-            raise AdapterFileError(f"{source}: the tensors of head {path} disagree on their output size")
-        if new_outputs:
-            _resize_attributes(owner)
-    return head
-
-
-def _resize_attributes(module: nn.Module) -> None:
-    """Keep the size attributes of common layers in step with their new weight."""
-    w = getattr(module, "weight", None)
-    if w is None:
-        return
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = w.shape
-    elif isinstance(module, nn.modules.conv._ConvNd):
-        module.out_channels = w.shape[0]
-    elif isinstance(module, nn.modules.batchnorm._NormBase | nn.LayerNorm):
-        if isinstance(module, nn.LayerNorm):
-            module.normalized_shape = tuple(w.shape)
-        else:
-            module.num_features = w.shape[0]
-
-
-def load_adapter(model: AdapterModel, name: str, path: str | os.PathLike, *, force: bool = False) -> Adapter:
+def load(path: str | os.PathLike) -> AdapterRecord:
+    """The record in the adapter file at ``path``."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise AdapterFileError(f"{path}: cannot read ({exc.strerror})") from None
-    return adapter_from_bytes(model, name, data, force=force, source=str(path))
-
-
-def _more(keys: list[str]) -> str:
-    return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+    return decode(data, source=str(path))

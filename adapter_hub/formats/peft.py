@@ -6,6 +6,9 @@ its own path and its out_proj pair under ``<path>.base_layer.out_proj``; heads (
 keep their original keys. PEFT's A for a grouped conv sees every input channel: a grouped A is
 written as that full A with zeros outside its group's block, and read back as grouped when it has that
 block structure (otherwise it runs as is but cannot be merged).
+
+A codec between an ``AdapterRecord`` and such a directory: reading one needs the backbone's modules
+(a grouped conv's A is stored full, heads are found by their keys), so ``import_peft`` takes the backbone.
 """
 
 from __future__ import annotations
@@ -15,19 +18,17 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import safetensors.torch
 import torch
 from torch import nn
 
+from ..adapter import module_at
 from ..errors import AdapterFileError
-from ..lora import LoRAConfig, LoRAEmbedding, LoRAMultiheadAttention
-from ..lora.conv import _LoRAConvNd
-from .adapter_file import build_adapter, read_tensors
-
-if TYPE_CHECKING:
-    from ..model import Adapter, AdapterModel
+from ..lora import LoRAConfig, LoRAEmbedding, LoRAMultiheadAttention, lora_class_for, lora_scaling
+from .adapter_file import read_tensors
+from .record import AdapterRecord
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -40,11 +41,13 @@ def _peft_alpha(scaling: float, rank: int, use_rslora: bool) -> float:
     return scaling * (math.sqrt(rank) if use_rslora else rank)
 
 
-def _full_a(layer: _LoRAConvNd) -> torch.Tensor:
-    """A grouped A (rank, in/g, *k) as PEFT's full A (rank, in, *k): zero outside each group's block."""
-    a = layer.lora_A.weight.detach()
-    g = layer.groups
-    if layer.a_groups == 1 or g == 1:
+def _full_a(a: torch.Tensor, spec: dict[str, Any]) -> torch.Tensor:
+    """A grouped A (rank, in/g, *k) as PEFT's full A (rank, in, *k): zero outside each group's block.
+    An ungrouped A (every layer but a grouped conv) is already PEFT's. A conv's ``a_groups`` is 1 or its
+    groups, so a grouped A has ``a_groups`` blocks."""
+    a = a.detach()
+    g = int(spec.get("a_groups", 1))
+    if g == 1:
         return a
     rank, in_g = a.shape[:2]
     full = a.new_zeros((rank, in_g * g, *a.shape[2:]))
@@ -71,46 +74,44 @@ def _grouped_a(full: torch.Tensor, groups: int) -> torch.Tensor | None:
 
 
 def export_peft(
-    model: AdapterModel,
-    name: str,
+    record: AdapterRecord,
     directory: str | os.PathLike,
     *,
     base_model_name_or_path: str | None = None,
 ) -> None:
-    """Write adapter ``name`` as a PEFT LoRA directory that ``PeftModel.from_pretrained`` loads."""
-    adapter = model._require(name)
-    cfg = adapter.config
+    """Write ``record`` as a PEFT LoRA directory that ``PeftModel.from_pretrained`` loads."""
+    cfg = record.config
+    src = record.tensors
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     targets = []
-    for path, layer in adapter.layer_items():
+    for path, spec in record.layers.items():
         key = PREFIX + path
         targets.append(path)
-        if isinstance(layer, LoRAEmbedding):
-            pairs = {"lora_embedding_A": layer.lora_A.weight, "lora_embedding_B": layer.lora_B.weight}
-        elif isinstance(layer, LoRAMultiheadAttention):
+        a, b = src[f"{path}.lora_A.weight"], src[f"{path}.lora_B.weight"]
+        if spec.get("type") == LoRAEmbedding.__name__:
+            pairs = {"lora_embedding_A": a, "lora_embedding_B": b}
+        elif spec.get("type") == LoRAMultiheadAttention.__name__:
             pairs = {
-                "lora_A.weight": layer.lora_A.weight,
-                "lora_B.weight": layer.lora_B.weight,
-                f"{_MHA_OUT[1:]}.lora_A.weight": layer.out_proj.lora_A.weight,
-                f"{_MHA_OUT[1:]}.lora_B.weight": layer.out_proj.lora_B.weight,
+                "lora_A.weight": a,
+                "lora_B.weight": b,
+                f"{_MHA_OUT[1:]}.lora_A.weight": src[f"{path}.out_proj.lora_A.weight"],
+                f"{_MHA_OUT[1:]}.lora_B.weight": src[f"{path}.out_proj.lora_B.weight"],
             }
-        elif isinstance(layer, _LoRAConvNd):
-            pairs = {"lora_A.weight": _full_a(layer), "lora_B.weight": layer.lora_B.weight}
         else:
-            pairs = {"lora_A.weight": layer.lora_A.weight, "lora_B.weight": layer.lora_B.weight}
+            pairs = {"lora_A.weight": _full_a(a, spec), "lora_B.weight": b}
         tensors.update({f"{key}.{k}": v for k, v in pairs.items()})
         rank = next(iter(pairs.values())).shape[0]
-        alpha = _peft_alpha(layer.scaling, rank, cfg.use_rslora)
+        scaling = lora_scaling(int(spec["r"]), float(spec["alpha"]), cfg.use_rslora)
+        alpha = _peft_alpha(scaling, rank, cfg.use_rslora)
         if rank != cfg.r or not math.isclose(alpha, cfg.alpha, rel_tol=1e-12):
             rank_pattern[re.escape(path)] = rank
             alpha_pattern[re.escape(path)] = alpha
-    heads = []
-    for path, head in adapter.head_items():
-        heads.append(path)
-        for k, t in head.state_dict().items():
-            tensors[f"{PREFIX}{path}.{k}"] = t
+    heads = list(record.heads)
+    for path in heads:
+        prefix = path + "."
+        tensors.update({PREFIX + k: t for k, t in src.items() if k.startswith(prefix) and PREFIX + k not in tensors})
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": None,
@@ -144,11 +145,9 @@ def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
     return default
 
 
-def import_peft(
-    model: AdapterModel, directory: str | os.PathLike, name: str, *, adapter_name: str = "default"
-) -> Adapter:
-    """Add adapter ``name`` from a PEFT LoRA directory (an adapter not called "default" may sit in a
-    subfolder named after it)."""
+def import_peft(backbone: nn.Module, directory: str | os.PathLike, *, adapter_name: str = "default") -> AdapterRecord:
+    """The record of a PEFT LoRA directory, for ``backbone`` (an adapter not called "default" may sit in
+    a subfolder named after it). PEFT keeps no backbone fingerprint: the record's is ""."""
     root = Path(directory)
     if not (root / CONFIG_NAME).exists() and (root / adapter_name / CONFIG_NAME).exists():
         root = root / adapter_name
@@ -187,7 +186,7 @@ def import_peft(
         tensors[f"{path}{'.out_proj' if out_proj else ''}.{part}"] = t
         specs.setdefault(path, {})
     for path, spec in specs.items():
-        module = model._module_for_layer(path)
+        module = module_at(backbone, path)
         a = tensors.get(f"{path}.lora_A.weight")
         if a is None:
             raise AdapterFileError(f"{source}: missing key {PREFIX}{path}.lora_A.weight")
@@ -198,12 +197,14 @@ def import_peft(
                 f"{source}: key {PREFIX}{path}.lora_A.weight has rank {a.shape[0]}, the config says {rank}"
             )
         spec.update(r=rank, alpha=alpha)
+        if (cls := lora_class_for(module)) is not None:  # without one, adding the record names the module
+            spec["type"] = cls.__name__
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
             grouped = _grouped_a(a, module.groups)
             spec.update(rank=rank, a_groups=1 if grouped is None else module.groups)
             if grouped is not None:
                 tensors[f"{path}.lora_A.weight"] = grouped
-    heads = _head_paths(model, rest, source)
+    heads = _head_paths(backbone, rest, source)
     tensors.update(rest)
     config = LoRAConfig(
         r=r0,
@@ -214,12 +215,12 @@ def import_peft(
         dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
     )
     meta = {"imported_from": {"format": "peft", "base_model_name_or_path": cfg.get("base_model_name_or_path")}}
-    return build_adapter(model, name, config, specs, tensors, source=source, metadata=meta)
+    return AdapterRecord(config=config, layers=specs, heads=heads, tensors=tensors, metadata=meta, source=source)
 
 
-def _head_paths(model: AdapterModel, rest: dict[str, torch.Tensor], source: str) -> list[str]:
+def _head_paths(backbone: nn.Module, rest: dict[str, torch.Tensor], source: str) -> list[str]:
     """The module paths of full tensors (PEFT's modules_to_save), found by walking up each key."""
-    modules = dict(model.backbone.named_modules())
+    modules = dict(backbone.named_modules())
     heads: list[str] = []
     for key in sorted(rest):
         path = key.rpartition(".")[0]

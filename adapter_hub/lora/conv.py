@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from .base import LoRALayer, init_a
+from .base import LoRAConfigError, LoRALayer, init_a, spec_int
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -30,6 +32,8 @@ class _LoRAConvNd(LoRALayer):
 
     ``a_groups=1`` builds PEFT's layout instead (A sees every input channel); such a delta crosses the
     groups of a grouped base conv, runs fine, but cannot be merged into its weight.
+
+    ``spec()`` adds ``rank`` and ``a_groups`` to r and α: with the base conv they fix both kernels.
     """
 
     ndim: int
@@ -51,13 +55,13 @@ class _LoRAConvNd(LoRALayer):
             raise TypeError(f"{type(base).__name__} has no LoRA variant")
         self._setup(r, alpha, use_rslora, dropout)
         g = base.groups
-        self.groups = g
-        self.a_groups = g if a_groups is None else a_groups
-        if self.a_groups not in (1, g):
-            raise ValueError(f"a_groups must be 1 or the base groups ({g}), got {self.a_groups}")
-        self.rank = rank if rank is not None else grouped_rank(r, g)
-        if self.rank % g:
-            raise ValueError(f"rank {self.rank} is not divisible by the conv's groups ({g})")
+        self._groups = g
+        self._a_groups = g if a_groups is None else a_groups
+        if self._a_groups not in (1, g):
+            raise LoRAConfigError(f"a_groups must be 1 or the base groups ({g}), got {self._a_groups}")
+        self._rank = rank if rank is not None else grouped_rank(r, g)
+        if self._rank <= 0 or self._rank % g:
+            raise LoRAConfigError(f"rank {self._rank} is not a positive multiple of the conv's groups ({g})")
         conv = _CONV[self.ndim]
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = conv(
@@ -75,6 +79,25 @@ class _LoRAConvNd(LoRALayer):
         self.lora_B = conv(self.rank, base.out_channels, 1, groups=g, bias=False, **factory)
         init_a(self.lora_A.weight, init, r)
         nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def groups(self) -> int:
+        return self._groups
+
+    @property
+    def a_groups(self) -> int:
+        return self._a_groups
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "rank": self.rank, "a_groups": self.a_groups}
+
+    @classmethod
+    def spec_options(cls, spec: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: spec_int(spec, k) for k in ("rank", "a_groups") if k in spec}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling

@@ -173,7 +173,10 @@ class Hub:
         modes: list[str | None] = ["ro", "immutable"] if read_only else [None]
         for attempt in range(3):
             mode = modes[min(attempt, len(modes) - 1)]
-            engine = make_engine(parsed, read_only=mode)
+            try:
+                engine = make_engine(parsed, read_only=mode)
+            except (NoSuchModuleError, ModuleNotFoundError, ImportError) as exc:  # no such dialect or driver
+                raise DatabaseUnreachable(f"cannot open database {where}: {_one_line(exc)}") from None
             try:
                 with engine.connect() as conn:
                     state = schema.schema_state(conn)

@@ -14,11 +14,13 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DatabaseError, DBAPIError, InterfaceError, NoSuchModuleError
 
-from .db import sqlite_path
-from .errors import SchemaError
+from .db import connection_failed, make_engine, parse_url, sqlite_path, sqlite_writable, translate
+from .errors import DatabaseUnreachable, ReadOnlyRegistry, RegistryBusy, RegistryError, SchemaError, StorageFull
 
 UPGRADE_HINT = "run `adapter-hub db upgrade`"
 _PG_LOCK_KEY = zlib.crc32(b"adapter_hub.migrations")
@@ -166,3 +168,76 @@ def downgrade(engine: Engine, revision: str) -> SchemaState:
         state = schema_state(conn)
         conn.commit()
         return state
+
+
+# -- the `db` commands: a database named by its URL, every database error one line -------------------------
+
+# What a database, its driver or its dialect raises when it cannot be opened or refuses a statement.
+_OPEN_ERRORS = (DatabaseError, InterfaceError, NoSuchModuleError, ModuleNotFoundError)
+
+
+def database_error(exc: BaseException, where: str, *, writing: bool = False) -> RegistryError:
+    """The one-line error for a database error met opening or migrating database WHERE: a busy, read-only or
+    full database as :func:`adapter_hub.registry.db.translate` names it, anything else "cannot open database
+    WHERE: reason", the words of :meth:`Hub.open`."""
+    if isinstance(exc, DBAPIError) and not connection_failed(exc):
+        error = translate(exc, where, writing=writing, committing=False)
+        if isinstance(error, RegistryBusy | ReadOnlyRegistry | StorageFull):
+            return error
+    reason = str(getattr(exc, "orig", None) or exc).strip()
+    first = reason.splitlines()[0] if reason else type(exc).__name__
+    return DatabaseUnreachable(f"cannot open database {where}: {first}")
+
+
+@contextlib.contextmanager
+def _engine(url: str, *, writing: bool) -> Iterator[tuple[Engine, str]]:
+    """An engine for URL and the URL as shown (no password), disposed of afterwards; a database error inside
+    becomes one line. A SQLite file this process cannot write is read read-only, as Hub.open reads it."""
+    parsed = parse_url(url)
+    where = parsed.render_as_string(hide_password=True)
+    path = sqlite_path(parsed)
+    read_only = not writing and path is not None and path.exists() and not sqlite_writable(path)
+    try:
+        engine = make_engine(parsed, read_only="ro" if read_only else None)
+    except _OPEN_ERRORS as exc:  # an unknown dialect or a driver that is not installed
+        raise database_error(exc, where) from None
+    try:
+        yield engine, where
+    except _OPEN_ERRORS as exc:
+        raise database_error(exc, where, writing=writing) from None
+    finally:
+        engine.dispose()
+
+
+def current_state(url: str) -> SchemaState:
+    """The schema state of the database at URL (what `adapter-hub db current` shows); an empty database
+    stays untouched."""
+    with _engine(url, writing=False) as (engine, _where), engine.connect() as conn:
+        return schema_state(conn)
+
+
+def status(state: SchemaState) -> str:
+    """One word on STATE for people: up to date, empty, outdated (`db upgrade` migrates it) or newer."""
+    if state.up_to_date:
+        return "up to date"
+    return "empty" if state.empty else "outdated" if state.known else "newer"
+
+
+def upgrade_url(url: str, revision: str = "head") -> tuple[SchemaState, SchemaState]:
+    """Migrate the database at URL to REVISION (default the newest) under the migration lock, and return its
+    state before and after. REVISION is a revision id, "head" or "heads"; a database made by a newer
+    adapter-hub, or a REVISION the migrations do not hold, is refused with a SchemaError, changing nothing."""
+    if not revision.strip():
+        raise SchemaError("a schema revision is needed, e.g. head")
+    with _engine(url, writing=True) as (engine, where):
+        with engine.connect() as conn:
+            before = schema_state(conn)
+        if not before.known:
+            check(before, "the database")
+        try:
+            # resolved first: alembic fails on some forms it cannot resolve ("head+5") with a bare assertion
+            script_directory().get_revisions(revision)
+            after = upgrade(engine, revision)
+        except CommandError as exc:  # alembic's words for a revision it cannot reach
+            raise SchemaError(f"cannot upgrade database {where} to revision {revision!r}: {exc}") from None
+    return before, after
