@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compose.sites import plain_copy
 from .errors import AdapterFileError, TargetError
-from .lora import LoRAConfig, LoRALayer, plain_copy
+from .lora import LoRAConfig, LoRALayer
 
 # ModuleDict keys cannot hold dots; module paths are stored with this separator instead.
 SEP = "/"

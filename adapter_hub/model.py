@@ -13,14 +13,16 @@ import torch
 from torch import nn
 
 from .adapter import SEP, Adapter, head_from_tensors, module_at, module_key
+from .compose.attention_site import AttentionSite
 from .compose.combine import combine as combine_adapters
 from .compose.policies import Stack, Switch
 from .compose.routing import Plan, RoutedOutput
+from .compose.sites import HeadSite, LayerSite, Routing, plain_copy
 from .errors import AdapterFileError, AdapterNotFound, ConfigError, FingerprintMismatch, MergeError, TargetError
 from .formats import adapter_file, peft
 from .formats.fingerprint import fingerprint as compute_fingerprint
 from .formats.record import AdapterRecord
-from .lora import AttentionSite, HeadSite, LayerSite, LoRAConfig, Routing, lora_class_for, matches, plain_copy
+from .lora import LoRAConfig, lora_class_for, matches
 
 __all__ = ["Adapter", "AdapterModel"]
 

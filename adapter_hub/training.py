@@ -299,7 +299,7 @@ def transfer_init(model, source: str, new_name: str, *, head_modules: dict[str, 
 
 def full_finetune_copy(backbone: nn.Module, head_path: str, head: nn.Module) -> nn.Module:
     """A trainable copy of the backbone with a fresh head, for the full fine-tuning baseline."""
-    from .lora import plain_copy
+    from .compose.sites import plain_copy
 
     model = plain_copy(backbone)
     parent_path, _, attr = head_path.rpartition(".")

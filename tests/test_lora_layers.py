@@ -15,6 +15,8 @@ from torch import nn
 from torch.func import functional_call
 
 import adapter_hub
+from adapter_hub.compose.attention_site import AttentionSite
+from adapter_hub.compose.sites import LayerSite, Routing
 from adapter_hub.lora import (
     LoRAConfigError,
     LoRAConv1d,
@@ -27,7 +29,6 @@ from adapter_hub.lora import (
     lora_class_for,
     lora_scaling,
 )
-from adapter_hub.lora.site import AttentionSite, LayerSite, Routing
 
 # references compare to 1e-10: every test here runs in float64
 pytestmark = pytest.mark.usefixtures("_float64")

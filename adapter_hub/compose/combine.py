@@ -22,7 +22,7 @@ from ..adapter import Adapter
 from ..combine_methods import EXACT, check_method
 from ..errors import ConfigError, MergeError
 from ..formats.record import AdapterRecord
-from ..lora import LoRAConfig, LoRALayer, plain_copy
+from ..lora import LoRAConfig, LoRALayer
 from . import merge
 
 Factors = list[tuple[torch.Tensor, torch.Tensor]]

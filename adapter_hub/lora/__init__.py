@@ -1,4 +1,9 @@
-"""The LoRA maths: one module a base layer type. Imports nothing else of adapter_hub."""
+"""The LoRA maths: one module a base layer type, its config and ``lora_class_for``. Imports nothing else of
+adapter_hub.
+
+Only the maths lives here: what a delta is, its factors and its merge blockers. The runtime that executes a
+composition policy on a model (``Routing`` and the per-module sites that add, route and merge the deltas,
+and ``plain_copy``, which undoes a site's takeover of a module's forward) is in ``adapter_hub.compose``."""
 
 from __future__ import annotations
 
@@ -10,7 +15,6 @@ from .config import LoRAConfig, matches
 from .conv import LoRAConv1d, LoRAConv2d, LoRAConv3d, grouped_rank
 from .embedding import LoRAEmbedding
 from .linear import LoRALinear
-from .site import AttentionSite, HeadSite, LayerSite, Routing, plain_copy
 
 # Exact types: a subclass (e.g. a quantised or transposed variant) may compute something else.
 LORA_CLASSES: dict[type[nn.Module], type[LoRALayer]] = {
@@ -30,9 +34,6 @@ def lora_class_for(module: nn.Module) -> type[LoRALayer] | None:
 
 __all__ = [
     "LORA_CLASSES",
-    "AttentionSite",
-    "HeadSite",
-    "LayerSite",
     "LoRAConfig",
     "LoRAConfigError",
     "LoRAConv1d",
@@ -42,10 +43,8 @@ __all__ = [
     "LoRALayer",
     "LoRALinear",
     "LoRAMultiheadAttention",
-    "Routing",
     "grouped_rank",
     "lora_class_for",
     "lora_scaling",
     "matches",
-    "plain_copy",
 ]

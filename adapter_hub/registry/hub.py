@@ -176,7 +176,7 @@ class Hub:
             try:
                 engine = make_engine(parsed, read_only=mode)
             except (NoSuchModuleError, ModuleNotFoundError, ImportError) as exc:  # no such dialect or driver
-                raise DatabaseUnreachable(f"cannot open database {where}: {_one_line(exc)}") from None
+                raise schema.database_error(exc, where) from None
             try:
                 with engine.connect() as conn:
                     state = schema.schema_state(conn)
@@ -197,10 +197,10 @@ class Hub:
                 if not read_only and attempt == 0 and connection_failed(exc):
                     time.sleep(1.0 + random.uniform(0, 0.5))  # a transient disconnect: once more
                     continue
-                raise DatabaseUnreachable(f"cannot open database {where}: {_one_line(exc)}") from None
+                raise schema.database_error(exc, where) from None
             except (NoSuchModuleError, ModuleNotFoundError) as exc:
                 engine.dispose()
-                raise DatabaseUnreachable(f"cannot open database {where}: {_one_line(exc)}") from None
+                raise schema.database_error(exc, where) from None
         try:
             if not state.up_to_date and create and not read_only:
                 if state.empty:
@@ -221,7 +221,7 @@ class Hub:
             hub._bind_store()
         except (DatabaseError, InterfaceError, NoSuchModuleError, ModuleNotFoundError) as exc:
             engine.dispose()
-            raise DatabaseUnreachable(f"cannot open database {where}: {_one_line(exc)}") from None
+            raise schema.database_error(exc, where) from None
         except BaseException:
             engine.dispose()
             raise

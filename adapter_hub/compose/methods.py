@@ -1,4 +1,9 @@
-"""Merge methods for LoRA deltas, as pure tensor functions working on one layer at a time.
+"""Combine methods for LoRA deltas (the maths), as pure tensor functions working on one layer at a time.
+
+These combine several adapters' deltas into one new delta (``compose.combine`` calls them to build a new
+adapter); they never touch a backbone. Folding deltas into the backbone weights is *merging*
+(``AdapterModel.merge``/``unmerge``, ``MergeError``), which is not done here. The names a user may pass as
+``method=`` are listed, without torch, in ``adapter_hub.combine_methods``.
 
 Two families:
 

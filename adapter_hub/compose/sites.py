@@ -1,17 +1,19 @@
-"""Where deltas meet the backbone: one site per adapted module, shared routing, exact merge.
+"""Where deltas meet the backbone: the runtime that executes a composition policy.
 
-A site takes over its module's ``forward`` through an instance attribute (the class, the parameter
-names and the state dict of the backbone stay untouched) and adds the deltas that the shared
-``Routing`` says are active: a weighted sum on every sample (single adapter, stack) and/or one
-adapter per group of rows (per-sample switch). For a switch, the batch is sorted by adapter once per
-forward, before the backbone runs, so every site sees each adapter's rows as one contiguous slice:
-no index lists are rebuilt and no rows are gathered or scattered inside the network.
+One site per adapted module (``LayerSite``; ``AttentionSite`` in ``attention_site``) and per task head
+(``HeadSite``), all reading one shared ``Routing``. A site takes over its module's ``forward`` through an
+instance attribute (the class, the parameter names and the state dict of the backbone stay untouched) and
+adds the deltas that the ``Routing`` says are active: a weighted sum on every sample (single adapter,
+``Stack``) and/or one adapter per group of rows (per-sample ``Switch``). For a switch, the batch is sorted
+by adapter once per forward, before the backbone runs (``routing.Plan``), so every site sees each adapter's
+rows as one contiguous slice: no index lists are rebuilt and no rows are gathered or scattered inside the
+network. A ``LayerSite`` also merges: it folds the weighted deltas into the backbone weights and restores
+them bit for bit. The maths of each delta lives in ``adapter_hub.lora``; this module only schedules it.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -19,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import LoRAMultiheadAttention
-from .base import LoRALayer
+from ..lora import LoRALayer
 
 
 @dataclass
@@ -119,9 +120,9 @@ class LayerSite(_Site):
             return self.base_forward(x)
         m = self.module
         if isinstance(m, nn.Linear) and self._fusable():
-            return self.project(x, m.weight, m.bias, F.linear, _linear_part, "weight")
+            return self.project(x, m.weight, m.bias, F.linear, linear_part, "weight")
         if isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1 and x.dim() == m.weight.dim() and self._fusable():
-            return self.project(x, m.weight, m.bias, m._conv_forward, _linear_part, "weight")
+            return self.project(x, m.weight, m.bias, m._conv_forward, linear_part, "weight")
         return self.add_deltas(self.base_forward(x), x, _call_layer)
 
     # --- fast path -----------------------------------------------------------------------------
@@ -265,137 +266,9 @@ def _call_layer(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
 Part = tuple[torch.Tensor, torch.Tensor, float]
 
 
-def _linear_part(layer: LoRALayer) -> Part:
+def linear_part(layer: LoRALayer) -> Part:
     b = layer.lora_B.weight
     return layer.lora_A.weight, b.reshape(b.shape[0], b.shape[1]), layer.scaling
-
-
-def _out_proj_part(layer: LoRALayer) -> Part:
-    assert isinstance(layer, LoRAMultiheadAttention)
-    return _linear_part(layer.out_proj)
-
-
-class AttentionSite(LayerSite):
-    """nn.MultiheadAttention with deltas on in_proj and out_proj, computed in activation space so
-    that stacks and per-sample routing work like for any other layer (no merge around the forward)."""
-
-    module: nn.MultiheadAttention
-
-    def forward(  # same signature as nn.MultiheadAttention.forward
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = True,
-        attn_mask: torch.Tensor | None = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not self.active():
-            return self.base_forward(
-                query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal,
-            )  # fmt: skip
-        mha = self.module
-        self_attention = query is key and key is value
-        unbatched = query.dim() == 2
-        if unbatched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif not mha.batch_first:  # work batch-first so that routed rows are dim 0
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        n, length, e = query.shape
-        w_in, b_in = mha.in_proj_weight, mha.in_proj_bias
-        fast = self._fusable()
-        if self_attention:
-            if fast:
-                qkv = self.project(query, w_in, b_in, F.linear, _linear_part, "in_proj")
-            else:
-                qkv = self.add_deltas(F.linear(query, w_in, b_in), query, _in_delta)
-            q, k, v = qkv.chunk(3, dim=-1)
-        else:
-            parts = []
-            for i, x in enumerate((query, key, value)):
-                b = b_in[i * e : (i + 1) * e] if b_in is not None else None
-                y = F.linear(x, w_in[i * e : (i + 1) * e], b)
-                parts.append(self.add_deltas(y, x, _in_delta_part(i)))
-            q, k, v = parts
-        heads = mha.num_heads
-        q, k, v = (t.reshape(n, -1, heads, e // heads).transpose(1, 2) for t in (q, k, v))
-        mask = _additive_mask(attn_mask, key_padding_mask, n, heads, q.dtype)
-        dropout_p = mha.dropout if mha.training else 0.0
-        weights = None
-        if need_weights:
-            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-            if mask is not None:
-                scores = scores + mask
-            elif is_causal:
-                causal = torch.ones(length, k.shape[2], dtype=torch.bool, device=q.device).tril()
-                scores = scores.masked_fill(~causal, float("-inf"))
-            probs = scores.softmax(dim=-1)
-            attn = F.dropout(probs, dropout_p, training=mha.training) @ v
-            weights = probs.mean(dim=1) if average_attn_weights else probs
-        else:
-            attn = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal and mask is None
-            )
-        attn = attn.transpose(1, 2).reshape(n, length, e)
-        w_out, b_out = mha.out_proj.weight, mha.out_proj.bias
-        if fast:
-            out = self.project(attn, w_out, b_out, F.linear, _out_proj_part, "out_proj")
-        else:
-            out = self.add_deltas(F.linear(attn, w_out, b_out), attn, _out_delta)
-        if unbatched:
-            out = out.squeeze(0)
-            weights = weights.squeeze(0) if weights is not None else None
-        elif not mha.batch_first:
-            out = out.transpose(0, 1)
-        return out, weights
-
-
-def _in_delta(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
-    assert isinstance(layer, LoRAMultiheadAttention)
-    return layer.in_delta(x)
-
-
-def _in_delta_part(part: int) -> Callable[[LoRALayer, torch.Tensor], torch.Tensor]:
-    def delta(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
-        assert isinstance(layer, LoRAMultiheadAttention)
-        return layer.in_delta_part(x, part)
-
-    return delta
-
-
-def _out_delta(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
-    assert isinstance(layer, LoRAMultiheadAttention)
-    return layer.out_proj(x)
-
-
-def _additive_mask(
-    attn_mask: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-    n: int,
-    heads: int,
-    dtype: torch.dtype,
-) -> torch.Tensor | None:
-    """nn.MultiheadAttention's masks (True or -inf = blocked) as one additive float mask."""
-
-    def additive(m: torch.Tensor) -> torch.Tensor:
-        if m.dtype == torch.bool:
-            return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
-        return m.to(dtype)
-
-    mask = None
-    if attn_mask is not None:
-        mask = additive(attn_mask)
-        if mask.dim() == 3:  # (N·heads, L, S)
-            mask = mask.reshape(n, heads, *mask.shape[-2:])
-    if key_padding_mask is not None:
-        kpm = additive(key_padding_mask).reshape(n, 1, 1, -1)
-        mask = kpm if mask is None else mask + kpm
-    return mask
 
 
 class HeadSite(_Site):
@@ -435,7 +308,10 @@ class HeadSite(_Site):
 
 
 def plain_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` without the forwards that sites put on it (and without the sites)."""
+    """A deep copy of ``module`` without the forwards that sites put on it (and without the sites).
+
+    It lives next to ``_Site.attach`` because it undoes exactly that: a copy taken with the instance
+    ``forward`` still set would carry the site (and through it every adapter) along."""
     taken = [(m, m.__dict__.pop("forward")) for m in module.modules() if "forward" in m.__dict__]
     try:
         return copy.deepcopy(module)
