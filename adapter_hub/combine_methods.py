@@ -1,12 +1,13 @@
-"""The methods that combine adapters into one (implemented in adapter_hub.compose.combine), named in a module
-that imports no torch: the command line offers them as choices, and a call is checked, before torch is loaded."""
+"""The names of the methods that combine adapters into one, in a module that imports no torch: the command line
+offers them as choices, and a call is checked, before torch is loaded. The maths is in
+``adapter_hub.compose.methods``, run by ``adapter_hub.compose.combine``."""
 
 from __future__ import annotations
 
 from .errors import ConfigError
 
 EXACT = ("linear", "cat")  # the factors concatenated: the weighted sum itself, at rank Σrᵢ
-DENSE = ("ties", "dare_linear", "dare_ties", "magnitude_prune")  # a merged ΔW per layer, factorised to rank k
+DENSE = ("ties", "dare_linear", "dare_ties", "magnitude_prune")  # a combined ΔW per layer, factorised to rank k
 METHODS = (*EXACT, "svd", *DENSE)
 
 

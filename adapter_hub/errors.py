@@ -36,6 +36,10 @@ class MergeError(AdapterHubError, RuntimeError):
     """A delta that cannot be folded into the base weight (e.g. a grouped conv whose A crosses groups)."""
 
 
+class CombineError(MergeError):
+    """A delta that cannot be combined with others into a new adapter (it has no ΔW in the base weight's shape)."""
+
+
 def is_user_error(exc: BaseException) -> bool:
     """What a user can cause: the CLI prints these as one line. ``lora/`` raises its own type (it imports
     nothing of the package); it is looked up only if loaded, so this module never imports torch."""

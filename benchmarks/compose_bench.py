@@ -163,7 +163,7 @@ def dense_delta_ours(layer, param: str) -> torch.Tensor:
 
 def combine_table(bb: nn.Module, k: int, r: int, rank: int, repeats: int) -> dict:
     """Combine k adapters into one: time and relative Frobenius error against the exact target."""
-    from adapter_hub.compose import merge
+    from adapter_hub.compose import methods
 
     out: dict = {}
     ours = ours_model(bb, RESNET_TARGETS, k, r)
@@ -178,7 +178,7 @@ def combine_table(bb: nn.Module, k: int, r: int, rank: int, repeats: int) -> dic
 
     def ties_target(path: str) -> torch.Tensor:
         layers = [dict(ours.adapters[n].layer_items())[path] for n in names]
-        return merge.ties([dense_delta_ours(layer, "weight") for layer in layers], weights, 0.2, "total").double()
+        return methods.ties([dense_delta_ours(layer, "weight") for layer in layers], weights, 0.2, "total").double()
 
     def rel_error(get_delta: Callable[[str], torch.Tensor], target: Callable[[str], torch.Tensor]) -> float:
         num = den = 0.0

@@ -59,6 +59,47 @@ def test_compose_average_registers_the_exact_weighted_sum_with_its_lineage(tmp_p
     assert bad.returncode == 1 and "needs density" in bad.stderr
 
 
+def test_combine_is_the_verb_and_compose_stack_and_average_are_its_aliases(tmp_path: Path):
+    """`combine` registers what the library's `combine` returns; `compose average` is the same command and
+    `compose stack` is `combine --method linear` with weights 1 each."""
+    home = tmp_path / "home"
+    added = cli(home, "backbone", "add", "small", "resnet_small", "--num-classes", "10", "--seed", "3")
+    assert added.returncode == 0, added.stderr
+    model = AdapterModel(backbones.build_backbone({"architecture": "resnet_small", "num_classes": 10, "seed": 3}))
+    with Hub.open(home) as hub:
+        hub.add_task("t", num_classes=10)
+        for i, name in enumerate(("a", "b")):
+            model.add_adapter(name, LoRAConfig(r=2, targets=["layer4.*.conv*"], heads=["fc"]))
+            with torch.no_grad():
+                for p in model.adapters[name].parameters():
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
+            hub.register(model, name, task="t", name=name)
+
+    runs = {
+        "c": ("combine", "t/a", "t/b", "--weights", "0.5,-1", "-o", "t/c"),
+        "avg": ("compose", "average", "t/a", "t/b", "--weights", "0.5,-1", "-o", "t/avg"),
+        "s": ("compose", "stack", "t/a", "t/b", "-o", "t/s"),
+    }
+    for name, args in runs.items():
+        done = cli(home, *args)
+        assert done.returncode == 0, done.stderr
+        assert f"registered t/{name}:1 (linear of 2 versions)" in done.stdout
+    with Hub.open(home) as hub:
+        for name in runs:
+            hub.load_into(model, f"t/{name}", name=name)
+        assert sorted((e.parent, e.method, e.weight) for e in hub.lineage("t/c").edges) == [
+            ("t/a:1", "linear", 0.5), ("t/b:1", "linear", -1.0)]  # fmt: skip
+    sources = {n: dict(model.adapters[n].layer_items()) for n in ("a", "b")}
+    for name, (wa, wb) in (("c", (0.5, -1.0)), ("avg", (0.5, -1.0)), ("s", (1.0, 1.0))):
+        for path, layer in model.adapters[name].layer_items():
+            expected = wa * sources["a"][path].delta_weight() + wb * sources["b"][path].delta_weight()
+            torch.testing.assert_close(layer.delta_weight(), expected, rtol=1e-5, atol=1e-6)
+
+    bad = cli(home, "combine", "t/a", "t/b", "--method", "ties", "-o", "t/x")
+    assert bad.returncode == 1 and "needs density" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_data_digits_writes_an_imagefolder_the_loader_reads(tmp_path: Path):
     done = cli(tmp_path, "--json", "data", "digits", str(tmp_path / "rot"), "--domain", "rotated", "--pool", "target")
     assert done.returncode == 0, done.stderr

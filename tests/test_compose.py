@@ -12,7 +12,7 @@ from torch import nn
 
 from adapter_hub import AdapterModel, LoRAConfig, Stack, Switch
 from adapter_hub.compose import RoutedOutput
-from adapter_hub.errors import AdapterNotFound, ConfigError
+from adapter_hub.errors import AdapterHubError, AdapterNotFound, CombineError, ConfigError, MergeError
 
 
 def resnet() -> nn.Module:
@@ -371,6 +371,18 @@ def test_bad_combine_arguments():
         model.combine("x", ["a", "b"], [1, 2, 3])
     with pytest.raises(ConfigError, match="rank must be a positive integer"):
         model.combine("x", ["a", "b"], method="svd", rank=0)
+    assert "x" not in model.adapters
+
+
+def test_a_delta_without_a_dense_form_refuses_to_combine_with_its_own_error():
+    """PEFT's grouped-conv layout (A crossing the groups) runs but has no ΔW in the base weight's shape: combine
+    raises CombineError (still a MergeError, which callers caught before it had its own name), adding nothing."""
+    model = AdapterModel(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)))
+    for name in ("a", "b"):
+        model.add_adapter(name, LoRAConfig(targets=["0"]), layer_specs={"0": {"r": 2, "alpha": 2, "a_groups": 1}})
+    with pytest.raises(CombineError, match=r"cannot combine 0: .*mixes input channels across") as caught:
+        model.combine("x", ["a", "b"])
+    assert isinstance(caught.value, MergeError) and isinstance(caught.value, AdapterHubError)
     assert "x" not in model.adapters
 
 

@@ -6,7 +6,7 @@ import click
 
 from ._app import HubGroup, State
 from .catalog import backbone, task
-from .compose_cmds import compose
+from .compose_cmds import combine, compose
 from .data_cmds import data
 from .db_cmds import db
 from .demo_cmd import demo
@@ -37,6 +37,6 @@ def main(ctx: click.Context, home: str | None, db: str | None, as_json: bool, tr
 
 
 _COMMANDS = (demo, db, backbone, task, ls, show, versions, lineage, metrics, alias, tag, verify, gc, rm, export)
-_COMMANDS += (import_, data, compose, train, eval_, predict)
+_COMMANDS += (import_, data, combine, compose, train, eval_, predict)
 for _command in _COMMANDS:
     main.add_command(_command)

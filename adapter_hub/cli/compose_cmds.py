@@ -1,4 +1,8 @@
-"""adapter-hub compose stack|average: combine registered versions into a new registered version."""
+"""adapter-hub combine: combine registered versions into a new registered version (the library's ``combine``).
+
+``compose average`` (the same command) and ``compose stack`` (``combine --method linear`` with weights 1 each)
+are kept as aliases. Neither runs a ``Stack``: both register a new adapter; a ``Stack`` sums live adapters at
+forward time and is a library call (``model.activate(Stack(...))``)."""
 
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ def _weights(text: str | None) -> list[float] | None:
 
 @click.group()
 def compose() -> None:
-    """Combine adapter versions into a new one (recorded with composed_from edges)."""
+    """Aliases of `combine`: `compose average` is `combine`; `compose stack` is `combine --method linear`
+    with weights 1 each (the exact sum)."""
 
 
 def _run(state: State, refs: tuple[str, ...], output: str, weights: str | None, method: str, **params) -> None:
@@ -42,22 +47,37 @@ def _run(state: State, refs: tuple[str, ...], output: str, weights: str | None, 
 @pass_state
 def stack(state: State, refs: tuple[str, ...], output: str, weights: str | None, head: str | None,
           key: str | None) -> None:  # fmt: skip
-    """Register the exact sum Σ wᵢ·ΔWᵢ of REFS (rank Σrᵢ) as one adapter."""
+    """Register the exact sum Σ wᵢ·ΔWᵢ of REFS (rank Σrᵢ) as one adapter: alias of `combine --method linear`
+    with weights 1 each (not a live Stack)."""
     _run(state, refs, output, weights or ",".join(["1"] * len(refs)), "linear", head=head, key=key)
 
 
-@compose.command("average")
-@click.argument("refs", nargs=-1, required=True)
-@click.option("-o", "--output", required=True, help="TASK/ADAPTER of the new version.")
-@click.option("--weights", help="Comma-separated weights (default 1/n each).")
-@click.option("--method", type=click.Choice(METHODS), default="linear", show_default=True)
-@click.option("--density", type=float, help="ties, dare_*, magnitude_prune: in (0, 1].")
-@click.option("--rank", type=int, help="svd and the dense methods: rank of the result (at least 1).")
-@click.option("--seed", type=int, default=0, show_default=True, help="dare_*: seed of the drop mask.")
-@click.option("--head", help="REF whose head the result keeps ('' for none); default: averaged.")
-@key_option
-@pass_state
-def average(state: State, refs: tuple[str, ...], output: str, weights: str | None, method: str,
-            density: float | None, rank: int | None, seed: int, head: str | None, key: str | None) -> None:  # fmt: skip
-    """Combine REFS into one adapter by METHOD, on each layer's full delta."""
-    _run(state, refs, output, weights, method, density=density, rank=rank, seed=seed, head=head, key=key)
+def _combine_command(name: str, help_text: str) -> click.Command:
+    """The `combine` command under ``name``: built twice, as `combine` and as its alias `compose average`."""
+
+    @click.command(name, help=help_text)
+    @click.argument("refs", nargs=-1, required=True)
+    @click.option("-o", "--output", required=True, help="TASK/ADAPTER of the new version.")
+    @click.option("--weights", help="Comma-separated weights (default 1/n each).")
+    @click.option("--method", type=click.Choice(METHODS), default="linear", show_default=True)
+    @click.option("--density", type=float, help="ties, dare_*, magnitude_prune: in (0, 1].")
+    @click.option("--rank", type=int, help="svd and the dense methods: rank of the result (at least 1).")
+    @click.option("--seed", type=int, default=0, show_default=True, help="dare_*: seed of the drop mask.")
+    @click.option("--head", help="REF whose head the result keeps ('' for none); default: averaged.")
+    @key_option
+    @pass_state
+    def command(state: State, refs: tuple[str, ...], output: str, weights: str | None, method: str,
+                density: float | None, rank: int | None, seed: int, head: str | None,
+                key: str | None) -> None:  # fmt: skip
+        _run(state, refs, output, weights, method, density=density, rank=rank, seed=seed, head=head, key=key)
+
+    return command
+
+
+combine = _combine_command(
+    "combine",
+    "Combine REFS into one new adapter by METHOD, on each layer's full delta, and register it as TASK/ADAPTER "
+    "(recorded with composed_from edges). The backbone's weights are not changed (that would be a merge).",
+)
+average = _combine_command("average", "Alias of `adapter-hub combine`.")
+compose.add_command(average)

@@ -2,12 +2,14 @@
 
 Every method works on each adapter's full delta (never on A and B separately, whose products would
 carry cross terms BᵢAⱼ). Exact methods (linear, cat) concatenate the factors; svd truncates the exact
-sum from its factors; the dense methods (ties, dare_*, magnitude_prune) build the merged ΔW per layer
+sum from its factors; the dense methods (ties, dare_*, magnitude_prune) build the combined ΔW per layer
 and factorise it back to rank k. A grouped conv is combined group block by group block, so the result
 stays mergeable.
 
 ``combine`` takes the source adapters and returns an ``AdapterRecord``; ``AdapterModel.combine`` adds it
-like any other record, so this module needs no model.
+like any other record, so this module needs no model. The per-layer maths is in ``compose.methods``; the
+method names (torch-free, for the command line) in ``adapter_hub.combine_methods``. Combining makes a new
+adapter; it never *merges* (folds deltas into the backbone weights, ``AdapterModel.merge``).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from torch import nn
 
 from ..adapter import Adapter
 from ..combine_methods import EXACT, check_method
-from ..errors import ConfigError, MergeError
+from ..errors import CombineError, ConfigError
 from ..formats.record import AdapterRecord
 from ..lora import LoRAConfig, LoRALayer
-from . import merge
+from . import methods
+from .sites import plain_copy
 
 Factors = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -61,7 +64,7 @@ def combine(
     merged: dict[str, dict[str, Factors]] = {}
     specs: dict[str, dict[str, Any]] = {}
     kinds: dict[str, type[LoRALayer]] = {}
-    reports: dict[str, list[merge.TruncationReport]] = {}
+    reports: dict[str, list[methods.TruncationReport]] = {}
     for path in paths:
         present = [(layers[path], w) for layers, w in zip(layer_maps, ws) if path in layers]
         layers = [layer for layer, _ in present]
@@ -69,7 +72,7 @@ def combine(
             raise ConfigError(f"cannot combine {path}: the adapters use different layer types there")
         for layer in layers:
             if (why := layer.merge_blocker()) is not None:
-                raise MergeError(f"cannot combine {path}: {why}")
+                raise CombineError(f"cannot combine {path}: {why}")
         per_param: dict[str, Factors] = {}
         for param, _ in layers[0].factors().items():
             blocks_per_adapter = [layer.factors()[param] for layer in layers]
@@ -86,7 +89,7 @@ def combine(
         kinds[path] = type(layers[0])
 
     heads = _combine_heads(adapters, names, ws, head)
-    errors = {p: merge.overall_rel_error(r) for p, r in reports.items()}
+    errors = {p: methods.overall_rel_error(r) for p, r in reports.items()}
     all_reports = [r for rs in reports.values() for r in rs]
     config = LoRAConfig(
         r=max((s["r"] for s in specs.values()), default=1),
@@ -112,7 +115,7 @@ def combine(
             }.items()
             if v is not None
         },  # fmt: skip
-        "rel_error": merge.overall_rel_error(all_reports) if all_reports else 0.0,
+        "rel_error": methods.overall_rel_error(all_reports) if all_reports else 0.0,
         "layer_rel_error": errors,
     }
     return AdapterRecord(
@@ -160,24 +163,24 @@ def _combine_block(
     rank: int | None,
     sign: str,
     generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, merge.TruncationReport | None]:
+) -> tuple[torch.Tensor, torch.Tensor, methods.TruncationReport | None]:
     full_rank = sum(a.shape[0] for _, a in factors)
     k = rank if rank is not None else full_rank
     if method in EXACT:
-        b, a = merge.linear(factors, weights)
+        b, a = methods.linear(factors, weights)
         return b, a, None
     if method == "svd":
-        return merge.svd(factors, weights, k)
+        return methods.svd(factors, weights, k)
     deltas = [b @ a for b, a in factors]
     if method == "ties":
-        dense = merge.ties(deltas, weights, density, sign)  # type: ignore[arg-type]
+        dense = methods.ties(deltas, weights, density, sign)  # type: ignore[arg-type]
     elif method == "magnitude_prune":
-        dense = merge.magnitude_prune(deltas, weights, density)  # type: ignore[arg-type]
+        dense = methods.magnitude_prune(deltas, weights, density)  # type: ignore[arg-type]
     elif method == "dare_linear":
-        dense = merge.dare_linear(deltas, weights, density, generator)  # type: ignore[arg-type]
+        dense = methods.dare_linear(deltas, weights, density, generator)  # type: ignore[arg-type]
     else:
-        dense = merge.dare_ties(deltas, weights, density, generator, sign)  # type: ignore[arg-type]
-    return merge.factorize(dense, k)
+        dense = methods.dare_ties(deltas, weights, density, generator, sign)  # type: ignore[arg-type]
+    return methods.factorize(dense, k)
 
 
 def _spec(layer: LoRALayer, per_param: dict[str, Factors]) -> dict[str, Any]:

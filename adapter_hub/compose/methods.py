@@ -87,7 +87,7 @@ def overall_rel_error(reports: Sequence[TruncationReport]) -> float:
 
 def _check_weights(weights: Sequence[float], count: int) -> list[float]:
     if count == 0:
-        raise ConfigError("no adapters to merge")
+        raise ConfigError("no adapters to combine")
     ws = [float(w) for w in weights]
     if len(ws) != count:
         raise ConfigError(f"got {len(ws)} weights for {count} adapters")
@@ -112,7 +112,7 @@ def _check_rank(rank: int) -> int:
 def _check_factors(factors: Sequence[tuple[Tensor, Tensor]]) -> tuple[int, int, torch.dtype]:
     """Validate shapes; return (out, n, promoted dtype)."""
     if len(factors) == 0:
-        raise ConfigError("no adapters to merge")
+        raise ConfigError("no adapters to combine")
     out = n = -1
     dtype: torch.dtype | None = None
     for i, (b, a) in enumerate(factors):
@@ -136,7 +136,7 @@ def _check_factors(factors: Sequence[tuple[Tensor, Tensor]]) -> tuple[int, int, 
 def _stack_deltas(deltas: Sequence[Tensor]) -> tuple[Tensor, torch.Size, torch.dtype]:
     """Validate and stack the deltas as float64 rows of a (T, numel) matrix."""
     if len(deltas) == 0:
-        raise ConfigError("no adapters to merge")
+        raise ConfigError("no adapters to combine")
     shape = deltas[0].shape
     dtype = deltas[0].dtype
     for i, d in enumerate(deltas):
@@ -285,7 +285,7 @@ def _dare_mask(stacked: Tensor, density: float, generator: torch.Generator) -> T
 
     Each row is ``torch.rand(N, generator=generator, dtype=torch.float64, device=generator.device)``;
     drawing on the generator's device and then moving makes the masks independent of where the deltas
-    live, so a seed gives the same merge on CPU and GPU.
+    live, so a seed gives the same combination on CPU and GPU.
     """
     n = stacked.shape[1]
     rows = [torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device) for _ in stacked]
@@ -359,7 +359,7 @@ def dare_linear(
     ``M_i`` keeps each entry independently with probability ``density`` (drop rate ``p = 1 − density``),
     drawn from ``generator`` in task order as ``torch.rand(numel, dtype=float64) < density``; the
     rescaling by ``1/density`` makes the expectation equal ``Σ_i w_i ΔW_i``. Seed the generator for a
-    reproducible merge.
+    reproducible combination.
     """
     stacked, shape, dtype = _stack_deltas(deltas)
     ws = _check_weights(weights, len(deltas))

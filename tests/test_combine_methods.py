@@ -1,4 +1,5 @@
-"""Merge methods against independent references written here from the papers' definitions.
+"""The combine methods (``adapter_hub.compose.methods``) against independent references written here from the
+papers' definitions.
 
 The references deliberately use different code paths from the module: dense products and a dense SVD
 for the factored methods, plain Python loops over entries for TIES / DARE / magnitude pruning.
@@ -11,7 +12,7 @@ import math
 import pytest
 import torch
 
-from adapter_hub.compose import merge
+from adapter_hub.compose import methods
 from adapter_hub.errors import ConfigError
 
 F64 = torch.float64
@@ -32,15 +33,15 @@ def _dense(factors, weights) -> torch.Tensor:
 @pytest.mark.parametrize("weights", [[1.0, 0.5, 2.0], [1.0, -1.0, 0.25], [-0.7, 0.0, 3.0]])
 def test_linear_equals_weighted_sum_of_deltas(weights):
     factors = _factors(0, 7, 11, [2, 3, 4])
-    b, a = merge.linear(factors, weights)
+    b, a = methods.linear(factors, weights)
     assert b.shape == (7, 9) and a.shape == (9, 11)
     torch.testing.assert_close(b @ a, _dense(factors, weights), rtol=1e-12, atol=1e-12)
 
 
 def test_cat_is_linear_and_keeps_dtype():
     factors = _factors(1, 5, 6, [1, 2], dtype=torch.float32)
-    b, a = merge.cat(factors, [1.0, -2.0])
-    assert merge.cat is merge.linear
+    b, a = methods.cat(factors, [1.0, -2.0])
+    assert methods.cat is methods.linear
     assert b.dtype == a.dtype == torch.float32
     torch.testing.assert_close((b @ a).double(), _dense(factors, [1.0, -2.0]), rtol=1e-5, atol=1e-5)
 
@@ -64,7 +65,7 @@ def test_svd_singular_values_and_error_match_dense(out, n, ranks, weights_sign):
     dense = _dense(factors, weights)
     s_ref = torch.linalg.svdvals(dense)
     for k in (1, 2, 3):
-        b, a, rep = merge.svd(factors, weights, rank=k)
+        b, a, rep = methods.svd(factors, weights, rank=k)
         m = min(out, n, sum(ranks))
         assert len(rep.singular_values) == m and rep.rank == k and b.shape == (out, k) and a.shape == (k, n)
         torch.testing.assert_close(torch.tensor(rep.singular_values, dtype=F64), s_ref[:m], rtol=1e-10, atol=1e-10)
@@ -88,7 +89,7 @@ def test_svd_exact_at_full_rank_and_pads_beyond_it():
     weights = [1.5, -0.5]
     dense = _dense(factors, weights)
     for k in (5, 9):  # 5 = Σr (true rank), 9 > Σr: zero-padded to 9 columns, still exact
-        b, a, rep = merge.svd(factors, weights, rank=k)
+        b, a, rep = methods.svd(factors, weights, rank=k)
         assert b.shape == (20, k) and a.shape == (k, 16) and rep.rank == k
         assert len(rep.kept) == 5 and rep.rel_error == 0.0
         torch.testing.assert_close(b @ a, dense, rtol=1e-10, atol=1e-10)
@@ -96,7 +97,7 @@ def test_svd_exact_at_full_rank_and_pads_beyond_it():
 
 def test_svd_splits_singular_values_symmetrically():
     factors = _factors(4, 30, 25, [4, 4])
-    b, a, rep = merge.svd(factors, [1.0, 2.0], rank=4)
+    b, a, rep = methods.svd(factors, [1.0, 2.0], rank=4)
     root = torch.tensor(rep.kept, dtype=F64).sqrt()
     torch.testing.assert_close(torch.linalg.vector_norm(b, dim=0), root, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.linalg.vector_norm(a, dim=1), root, rtol=1e-10, atol=1e-12)
@@ -104,10 +105,10 @@ def test_svd_splits_singular_values_symmetrically():
 
 def test_svd_zero_delta_and_float32():
     factors = _factors(5, 8, 9, [2, 2])
-    b, a, rep = merge.svd(factors, [0.0, 0.0], rank=2)
+    b, a, rep = methods.svd(factors, [0.0, 0.0], rank=2)
     assert rep.rel_error == 0.0 and rep.norm == 0.0 and (b @ a).abs().max() == 0
     f32 = [(x.float(), y.float()) for x, y in factors]
-    b, a, rep = merge.svd(f32, [1.0, -1.0], rank=2)
+    b, a, rep = methods.svd(f32, [1.0, -1.0], rank=2)
     assert b.dtype == a.dtype == torch.float32
     dense = _dense(f32, [1.0, -1.0])
     s_ref = torch.linalg.svdvals(dense)
@@ -125,7 +126,7 @@ def test_factorize_matches_dense_svd(shape):
     delta = torch.randn(*shape, generator=g, dtype=F64)
     mat = delta.reshape(shape[0], -1)
     s_ref = torch.linalg.svdvals(mat)
-    b, a, rep = merge.factorize(delta, rank=3)
+    b, a, rep = methods.factorize(delta, rank=3)
     assert b.shape == (shape[0], 3) and a.shape == (3, mat.shape[1])
     torch.testing.assert_close(torch.tensor(rep.singular_values, dtype=F64), s_ref, rtol=1e-12, atol=1e-12)
     assert rep.rel_error == pytest.approx(_tail(s_ref, 3), rel=1e-10)
@@ -133,10 +134,10 @@ def test_factorize_matches_dense_svd(shape):
     assert err.item() == pytest.approx(rep.rel_error, rel=1e-9)
     u, s, vh = torch.linalg.svd(mat, full_matrices=False)
     torch.testing.assert_close(b @ a, (u[:, :3] * s[:3]) @ vh[:3], rtol=1e-10, atol=1e-10)
-    b, a, rep = merge.factorize(delta, rank=12)  # beyond min(out, n): padded, exact
+    b, a, rep = methods.factorize(delta, rank=12)  # beyond min(out, n): padded, exact
     assert b.shape == (shape[0], 12) and rep.rel_error == 0.0
     torch.testing.assert_close(b @ a, mat, rtol=1e-10, atol=1e-10)
-    b32, _, _ = merge.factorize(delta.float(), rank=2)
+    b32, _, _ = methods.factorize(delta.float(), rank=2)
     assert b32.dtype == torch.float32
 
 
@@ -147,15 +148,15 @@ def test_factorize_agrees_with_svd_of_factors_and_overall_error():
     num = den = 0.0
     for factors, w in ((f1, [1.0, 0.5]), (f2, [-1.0, 2.0])):
         dense = _dense(factors, w)
-        b1, a1, r1 = merge.svd(factors, w, rank=2)
-        b2, a2, r2 = merge.factorize(dense, rank=2)
+        b1, a1, r1 = methods.svd(factors, w, rank=2)
+        b2, a2, r2 = methods.factorize(dense, rank=2)
         torch.testing.assert_close(b1 @ a1, b2 @ a2, rtol=1e-9, atol=1e-9)
         assert r1.rel_error == pytest.approx(r2.rel_error, rel=1e-9)
         reports.append(r1)
         num += torch.linalg.matrix_norm(dense - b1 @ a1).item() ** 2
         den += torch.linalg.matrix_norm(dense).item() ** 2
-    assert merge.overall_rel_error(reports) == pytest.approx(math.sqrt(num / den), rel=1e-8)
-    assert merge.overall_rel_error([]) == 0.0
+    assert methods.overall_rel_error(reports) == pytest.approx(math.sqrt(num / den), rel=1e-8)
+    assert methods.overall_rel_error([]) == 0.0
 
 
 # ------------------------------------------------------------- dense references (paper definitions)
@@ -219,7 +220,7 @@ def _deltas(seed: int, count: int, shape=(6, 4, 3)):
 @pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0, 1.0], [0.3, 1.0, -0.8, 2.0]])
 def test_ties_matches_dense_reference(sign, density, weights):
     deltas = _deltas(10, 4)
-    got = merge.ties(deltas, weights, density, sign=sign)
+    got = methods.ties(deltas, weights, density, sign=sign)
     assert got.shape == deltas[0].shape and got.dtype == F64
     torch.testing.assert_close(got, ref_ties(deltas, weights, density, sign), rtol=1e-12, atol=1e-12)
 
@@ -232,24 +233,24 @@ def test_ties_sign_modes_differ_where_they_should():
         torch.tensor([[-2.0]], dtype=F64),
     ]
     w = [1.0, 1.0, 1.0]
-    assert merge.ties(deltas, w, 1.0, sign="total").item() == 5.0
-    assert merge.ties(deltas, w, 1.0, sign="frequency").item() == -1.5
+    assert methods.ties(deltas, w, 1.0, sign="total").item() == 5.0
+    assert methods.ties(deltas, w, 1.0, sign="frequency").item() == -1.5
     # Weights enter before the election: negating the big task flips it to the majority.
-    assert merge.ties(deltas, [-1.0, 1.0, 1.0], 1.0, sign="total").item() == pytest.approx(-8.0 / 3.0)
+    assert methods.ties(deltas, [-1.0, 1.0, 1.0], 1.0, sign="total").item() == pytest.approx(-8.0 / 3.0)
     # Ties in the vote elect +.
     pair = [torch.tensor([2.0], dtype=F64), torch.tensor([-2.0], dtype=F64)]
-    assert merge.ties(pair, [1.0, 1.0], 1.0, sign="total").item() == 2.0
-    assert merge.ties(pair, [1.0, 1.0], 1.0, sign="frequency").item() == 2.0
+    assert methods.ties(pair, [1.0, 1.0], 1.0, sign="total").item() == 2.0
+    assert methods.ties(pair, [1.0, 1.0], 1.0, sign="frequency").item() == 2.0
 
 
-def test_ties_negative_weight_is_merge_of_negated_task_and_keeps_dtype():
+def test_ties_negative_weight_is_the_combination_of_negated_task_and_keeps_dtype():
     deltas = _deltas(11, 3)
-    a = merge.ties(deltas, [1.0, -0.5, 2.0], 0.4)
-    b = merge.ties([deltas[0], -deltas[1], deltas[2]], [1.0, 0.5, 2.0], 0.4)
+    a = methods.ties(deltas, [1.0, -0.5, 2.0], 0.4)
+    b = methods.ties([deltas[0], -deltas[1], deltas[2]], [1.0, 0.5, 2.0], 0.4)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    one = merge.ties([deltas[0]], [1.0], 1.0)
+    one = methods.ties([deltas[0]], [1.0], 1.0)
     torch.testing.assert_close(one, deltas[0], rtol=0, atol=0)
-    f32 = merge.ties([d.float() for d in deltas], [1.0, 1.0, 1.0], 0.3, sign="frequency")
+    f32 = methods.ties([d.float() for d in deltas], [1.0, 1.0, 1.0], 0.3, sign="frequency")
     assert f32.dtype == torch.float32
 
 
@@ -257,19 +258,19 @@ def test_ties_negative_weight_is_merge_of_negated_task_and_keeps_dtype():
 def test_magnitude_prune_matches_dense_reference(density):
     deltas = _deltas(12, 3, shape=(5, 7))
     weights = [0.5, -1.2, 1.0]
-    got = merge.magnitude_prune(deltas, weights, density)
+    got = methods.magnitude_prune(deltas, weights, density)
     torch.testing.assert_close(got, ref_magnitude_prune(deltas, weights, density), rtol=1e-12, atol=1e-12)
     # Per task vector: exactly k entries survive (random data has no ties in magnitude).
-    single = merge.magnitude_prune(deltas[:1], [1.0], density)
+    single = methods.magnitude_prune(deltas[:1], [1.0], density)
     assert int((single != 0).sum()) == ref_keep_count(density, 35)
 
 
 def test_magnitude_ties_at_threshold_are_all_kept():
     delta = torch.tensor([3.0, -3.0, 1.0, 2.0], dtype=F64)  # k = 1, but |3| = |-3|
-    got = merge.magnitude_prune([delta], [2.0], 0.25)
+    got = methods.magnitude_prune([delta], [2.0], 0.25)
     torch.testing.assert_close(got, torch.tensor([6.0, -6.0, 0.0, 0.0], dtype=F64), rtol=0, atol=0)
     # TIES keeps both as well; each entry is the disjoint mean of two agreeing copies.
-    assert merge.ties([delta, delta], [1.0, 1.0], 0.25).tolist() == [3.0, -3.0, 0.0, 0.0]
+    assert methods.ties([delta, delta], [1.0, 1.0], 0.25).tolist() == [3.0, -3.0, 0.0, 0.0]
 
 
 # -------------------------------------------------------------------------------------------- DARE
@@ -278,16 +279,16 @@ def test_magnitude_ties_at_threshold_are_all_kept():
 def test_dare_linear_reproducible_and_matches_reference_draws():
     deltas = _deltas(13, 3, shape=(4, 9))
     weights = [1.0, -0.5, 0.75]
-    got = merge.dare_linear(deltas, weights, 0.4, torch.Generator().manual_seed(123))
-    again = merge.dare_linear(deltas, weights, 0.4, torch.Generator().manual_seed(123))
-    other = merge.dare_linear(deltas, weights, 0.4, torch.Generator().manual_seed(124))
+    got = methods.dare_linear(deltas, weights, 0.4, torch.Generator().manual_seed(123))
+    again = methods.dare_linear(deltas, weights, 0.4, torch.Generator().manual_seed(123))
+    other = methods.dare_linear(deltas, weights, 0.4, torch.Generator().manual_seed(124))
     torch.testing.assert_close(got, again, rtol=0, atol=0)
     assert not torch.equal(got, other)
     tasks = ref_dare_tasks(deltas, weights, 0.4, 123)
     ref = torch.tensor([sum(col) for col in zip(*tasks)], dtype=F64).reshape(4, 9)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     # density 1 keeps everything: plain task arithmetic.
-    full = merge.dare_linear(deltas, weights, 1.0, torch.Generator().manual_seed(0))
+    full = methods.dare_linear(deltas, weights, 1.0, torch.Generator().manual_seed(0))
     torch.testing.assert_close(full, sum(w * d for w, d in zip(weights, deltas)), rtol=1e-12, atol=1e-12)
 
 
@@ -295,7 +296,7 @@ def test_dare_linear_reproducible_and_matches_reference_draws():
 def test_dare_ties_matches_reference_draws(sign):
     deltas = _deltas(14, 4, shape=(3, 10))
     weights = [1.0, 0.5, -1.0, 2.0]
-    got = merge.dare_ties(deltas, weights, 0.5, torch.Generator().manual_seed(7), sign=sign)
+    got = methods.dare_ties(deltas, weights, 0.5, torch.Generator().manual_seed(7), sign=sign)
     ref = ref_elect_mean(ref_dare_tasks(deltas, weights, 0.5, 7), sign)
     torch.testing.assert_close(got, torch.tensor(ref, dtype=F64).reshape(3, 10), rtol=1e-12, atol=1e-12)
 
@@ -303,7 +304,7 @@ def test_dare_ties_matches_reference_draws(sign):
 def test_dare_keep_rate_and_rescale():
     n, d = 20_000, 0.3
     delta = torch.linspace(1.0, 2.0, n, dtype=F64)  # no zeros: a zero output means dropped
-    out = merge.dare_linear([delta], [1.0], d, torch.Generator().manual_seed(2024))
+    out = methods.dare_linear([delta], [1.0], d, torch.Generator().manual_seed(2024))
     kept = out != 0
     rate = kept.double().mean().item()
     assert abs(rate - d) < 4 * math.sqrt(d * (1 - d) / n)
@@ -315,7 +316,7 @@ def test_dare_preserves_expectation():
     weights = [1.0, -2.0]
     d, runs = 0.5, 400
     g = torch.Generator().manual_seed(99)
-    mean = sum(merge.dare_linear(deltas, weights, d, g) for _ in range(runs)) / runs
+    mean = sum(methods.dare_linear(deltas, weights, d, g) for _ in range(runs)) / runs
     expected = weights[0] * deltas[0] + weights[1] * deltas[1]
     # Per-entry std of the mean of `runs` independent draws: sqrt(Σ w² Δ² (1-d)/d / runs).
     std = (sum(w * w * x * x for w, x in zip(weights, deltas)) * (1 - d) / d / runs).sqrt()
@@ -330,25 +331,25 @@ def test_bad_arguments_raise_config_error():
     factors = _factors(16, 4, 5, [2, 2])
     g = torch.Generator().manual_seed(0)
     bad_calls = [
-        lambda: merge.ties(deltas, [1.0, 1.0], 0.0),
-        lambda: merge.ties(deltas, [1.0, 1.0], 1.5),
-        lambda: merge.magnitude_prune(deltas, [1.0, 1.0], float("nan")),
-        lambda: merge.dare_linear(deltas, [1.0, 1.0], -0.1, g),
-        lambda: merge.ties(deltas, [1.0], 0.5),
-        lambda: merge.dare_ties(deltas, [1.0, 1.0, 1.0], 0.5, g),
-        lambda: merge.ties(deltas, [1.0, 1.0], 0.5, sign="median"),
-        lambda: merge.ties([deltas[0], deltas[1][:3]], [1.0, 1.0], 0.5),
-        lambda: merge.ties([], [], 0.5),
-        lambda: merge.linear(factors, [1.0]),
-        lambda: merge.linear([], []),
-        lambda: merge.linear([factors[0], (factors[1][0][:3], factors[1][1])], [1.0, 1.0]),
-        lambda: merge.linear([(factors[0][0], factors[1][1][:1])], [1.0]),
-        lambda: merge.linear(factors, [1.0, float("inf")]),
-        lambda: merge.svd(factors, [1.0, 1.0], rank=0),
-        lambda: merge.svd(factors, [1.0, 1.0], rank=1.5),
-        lambda: merge.svd(factors, [1.0, 1.0], rank=True),
-        lambda: merge.factorize(deltas[0], rank=-1),
-        lambda: merge.factorize(torch.ones(4, dtype=F64), rank=1),
+        lambda: methods.ties(deltas, [1.0, 1.0], 0.0),
+        lambda: methods.ties(deltas, [1.0, 1.0], 1.5),
+        lambda: methods.magnitude_prune(deltas, [1.0, 1.0], float("nan")),
+        lambda: methods.dare_linear(deltas, [1.0, 1.0], -0.1, g),
+        lambda: methods.ties(deltas, [1.0], 0.5),
+        lambda: methods.dare_ties(deltas, [1.0, 1.0, 1.0], 0.5, g),
+        lambda: methods.ties(deltas, [1.0, 1.0], 0.5, sign="median"),
+        lambda: methods.ties([deltas[0], deltas[1][:3]], [1.0, 1.0], 0.5),
+        lambda: methods.ties([], [], 0.5),
+        lambda: methods.linear(factors, [1.0]),
+        lambda: methods.linear([], []),
+        lambda: methods.linear([factors[0], (factors[1][0][:3], factors[1][1])], [1.0, 1.0]),
+        lambda: methods.linear([(factors[0][0], factors[1][1][:1])], [1.0]),
+        lambda: methods.linear(factors, [1.0, float("inf")]),
+        lambda: methods.svd(factors, [1.0, 1.0], rank=0),
+        lambda: methods.svd(factors, [1.0, 1.0], rank=1.5),
+        lambda: methods.svd(factors, [1.0, 1.0], rank=True),
+        lambda: methods.factorize(deltas[0], rank=-1),
+        lambda: methods.factorize(torch.ones(4, dtype=F64), rank=1),
     ]
     for call in bad_calls:
         with pytest.raises(ConfigError) as info:
