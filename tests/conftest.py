@@ -6,7 +6,6 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -72,41 +71,3 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'hub.db'}"
     return request.getfixturevalue("pg_url")
-
-
-def tiny_backbone(num_classes: int = 10) -> Any:
-    """A small conv net: conv → relu → pool → flatten → linear. Seed torch first for a fixed fingerprint."""
-    from torch import nn
-
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32, num_classes),
-    )
-
-
-def seeded_backbone(seed: int = 0) -> Any:
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return tiny_backbone()
-
-
-def trained_model(seed: int) -> Any:
-    """An AdapterModel on `seeded_backbone(0)` with adapter "a" (r=2 on the conv and the linear) whose
-    factors are drawn from N(0, 1) with `seed`: non-zero outputs, and bytes that differ per seed."""
-    import torch
-
-    from adapter_hub.lora import LoRAConfig
-    from adapter_hub.model import AdapterModel
-
-    model = AdapterModel(seeded_backbone(0))
-    model.add_adapter("a", LoRAConfig(r=2, alpha=4, targets=["0", "4"]))
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for p in model.adapters["a"].parameters():
-            p.normal_()
-    return model

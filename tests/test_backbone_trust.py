@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import seeded_backbone
+from helpers import TESTS, seeded_backbone
 
 from adapter_hub import backbones, data
 from adapter_hub.backbones import BackboneError, UntrustedFactory, rebuild, trusting_code
@@ -28,7 +28,6 @@ from adapter_hub.model import AdapterModel
 from adapter_hub.pipelines import model_for
 from adapter_hub.registry import Hub
 
-TESTS = Path(__file__).resolve().parent
 TRAP = "hubtrap_factories"
 FACTORY = f"{TRAP}:build"
 ENV = backbones.TRUSTED_FACTORIES_ENV
@@ -43,7 +42,7 @@ MARKS = Path({marks!r})
 
 def build(num_classes: int = 10):
     (MARKS / "called").touch()
-    from conftest import tiny_backbone
+    from helpers import tiny_backbone
 
     return tiny_backbone(num_classes)
 """

@@ -1,4 +1,4 @@
-"""Run by tests/test_training_ddp.py under torchrun: the same training as the test's single process."""
+"""Run by tests/training/test_data_parallel.py under torchrun: the same training as the test's single process."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from safetensors.torch import save_file
 
 from adapter_hub import distributed
-from tests.test_training_ddp import run_fit, run_multitask  # noqa: E402
+from tests.training.test_data_parallel import run_fit, run_multitask  # noqa: E402
 
 if __name__ == "__main__":
     assert distributed.setup()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import seeded_backbone
+from helpers import seeded_backbone
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
@@ -25,7 +25,7 @@ from adapter_hub.registry.models import VersionRow
 # Workers are forked from a server that has already imported torch: fast to start, and no fork of a
 # process whose thread pools are running.
 CTX = mp.get_context("forkserver")
-CTX.set_forkserver_preload(["torch", "adapter_hub.model", "adapter_hub.registry", "conftest"])
+CTX.set_forkserver_preload(["torch", "adapter_hub.model", "adapter_hub.registry", "helpers"])
 TIMEOUT_S = 120
 
 

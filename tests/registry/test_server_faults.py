@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import seeded_backbone
+from helpers import seeded_backbone
 from sqlalchemy import create_engine, func, select, text
 
 from adapter_hub.lora import LoRAConfig
@@ -29,7 +29,7 @@ from adapter_hub.registry import Hub, RegistryError
 from adapter_hub.registry.models import VersionRow
 
 CTX = mp.get_context("forkserver")
-CTX.set_forkserver_preload(["torch", "adapter_hub.model", "adapter_hub.registry", "conftest"])
+CTX.set_forkserver_preload(["torch", "adapter_hub.model", "adapter_hub.registry", "helpers"])
 TIMEOUT_S = 180
 WRITERS, AT_LEAST = 4, 5
 

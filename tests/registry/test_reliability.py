@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import seeded_backbone
+from helpers import TESTS, seeded_backbone
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -33,9 +33,8 @@ from adapter_hub.registry.errors import ConnectionLost, ReadOnlyRegistry, Regist
 from adapter_hub.registry.models import UploadRow
 
 CTX = mp.get_context("forkserver")
-CTX.set_forkserver_preload(["torch", "adapter_hub.model", "adapter_hub.registry", "conftest"])
+CTX.set_forkserver_preload(["torch", "adapter_hub.model", "adapter_hub.registry", "helpers"])
 TIMEOUT_S = 120
-TESTS = Path(__file__).parent
 SAME = 7.0  # registrations with this value all store the same bytes
 
 
@@ -384,7 +383,7 @@ def _run_as_other_user(script: str, *args: str) -> subprocess.CompletedProcess[s
 
 _REGISTER_SAME = """
 import sys, torch
-from conftest import seeded_backbone
+from helpers import seeded_backbone
 from adapter_hub.lora import LoRAConfig
 from adapter_hub.model import AdapterModel
 from adapter_hub.registry import Hub

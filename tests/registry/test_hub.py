@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import seeded_backbone
+from helpers import seeded_backbone
 from sqlalchemy import create_engine, func, select, text
 
 from adapter_hub.errors import AdapterHubError, FingerprintMismatch

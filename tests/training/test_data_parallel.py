@@ -13,7 +13,8 @@ from torch import nn
 
 from adapter_hub import AdapterModel, LoRAConfig, backbones, data, training
 
-ROOT = Path(__file__).parent.parent
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]  # the checkout
 
 
 def _model() -> AdapterModel:
@@ -52,7 +53,7 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "tests" / "_ddp_worker.py"), str(tmp_path)],
+         str(HERE / "_ddp_worker.py"), str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

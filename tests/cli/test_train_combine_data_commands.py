@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import seeded_backbone, trained_model
+from helpers import seeded_backbone, trained_model
 
 from adapter_hub import AdapterModel, Hub, LoRAConfig, backbones, data, pipelines
 from adapter_hub.errors import ConfigError

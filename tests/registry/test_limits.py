@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import seeded_backbone
+from helpers import seeded_backbone
 
 from adapter_hub.cli import main
 from adapter_hub.lora import LoRAConfig

@@ -15,21 +15,19 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import seeded_backbone, trained_model
+from helpers import TESTS, seeded_backbone, trained_model
 
 from adapter_hub.formats import fingerprint
 from adapter_hub.model import AdapterModel
 from adapter_hub.registry import Hub, schema
 from adapter_hub.registry.db import make_engine
 
-TESTS = Path(__file__).resolve().parent
-
 
 def cli(home: Path, *args: str, ok: bool = True, db: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     env.pop("ADAPTER_HUB_DB", None)
     env["COLUMNS"] = "200"
-    env["ADAPTER_HUB_TRUSTED_FACTORIES"] = "conftest:tiny_backbone"  # export/import rebuild the tests' own factory
+    env["ADAPTER_HUB_TRUSTED_FACTORIES"] = "helpers:tiny_backbone"  # export/import rebuild the tests' own factory
     cmd = [sys.executable, "-m", "adapter_hub.cli", "--home", str(home), *(["--db", db] if db else []), *args]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert "Traceback" not in run.stderr, run.stderr
@@ -55,7 +53,7 @@ def cli_all(home: Path, *commands: tuple[str, ...]) -> list[str]:
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A registry set up through the CLI (backbone, task), holding versions registered through the API."""
     home = tmp_path_factory.mktemp("cli") / "home"
-    added = cli(home, "backbone", "add", "tiny", "conftest:tiny_backbone", "--seed", "0").stdout
+    added = cli(home, "backbone", "add", "tiny", "helpers:tiny_backbone", "--seed", "0").stdout
     assert fingerprint(seeded_backbone(0)) in added  # the CLI built the very backbone the tests build
     cli(home, "task", "add", "digits", "--num-classes", "10", "--metric", "val/accuracy")
     with Hub.open(home) as hub:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from conftest import seeded_backbone, trained_model
+from helpers import TESTS, seeded_backbone, trained_model
 from rich.cells import cell_len
 from sqlalchemy import String
 
@@ -23,9 +23,8 @@ from adapter_hub.registry import Hub
 from adapter_hub.registry.models import AliasRow, BackboneRow, EdgeRow, MetricRow, TagRow, TaskRow, VersionRow
 from adapter_hub.registry.render import to_dot, to_mermaid, visible
 
-TESTS = Path(__file__).resolve().parent
 WIDTH = 240
-ENV = {"COLUMNS": str(WIDTH), "ADAPTER_HUB_TRUSTED_FACTORIES": "conftest:tiny_backbone"}
+ENV = {"COLUMNS": str(WIDTH), "ADAPTER_HUB_TRUSTED_FACTORIES": "helpers:tiny_backbone"}
 
 MARKUP = ("[/bold]", "[link=https://evil.example]x", "[red]x")
 SGR = "\x1b[31m"  # recolours the terminal
@@ -242,7 +241,7 @@ def test_a_real_terminal_gets_no_foreign_escape_sequence(home: Path) -> None:
 def exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two tasks holding an adapter of the same name, on a backbone export --format peft can rebuild."""
     home = tmp_path_factory.mktemp("export") / "home"
-    invoke(home, "backbone", "add", "tiny", "conftest:tiny_backbone", "--seed", "0")
+    invoke(home, "backbone", "add", "tiny", "helpers:tiny_backbone", "--seed", "0")
     with Hub.open(home) as hub:
         for task, seed in (("digits", 1), ("rotated", 2)):
             hub.add_task(task, num_classes=10)

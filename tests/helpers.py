@@ -1,0 +1,50 @@
+"""What several tests share: small backbones and adapters with fixed seeds, and where things are.
+
+Tests import it as `helpers` (pytest puts tests/ on the path: pyproject's `pythonpath`), and `helpers:tiny_backbone`
+is a `module:callable` backbone factory for the CLI in subprocesses, with TESTS on their PYTHONPATH."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TESTS = Path(__file__).resolve().parent  # on the PYTHONPATH of subprocesses that import helpers
+ROOT = TESTS.parent  # the checkout: pyproject.toml, adapter_hub/, migrations/, examples/
+
+
+def tiny_backbone(num_classes: int = 10) -> Any:
+    """A small conv net: conv → relu → pool → flatten → linear. Seed torch first for a fixed fingerprint."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, num_classes),
+    )
+
+
+def seeded_backbone(seed: int = 0) -> Any:
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return tiny_backbone()
+
+
+def trained_model(seed: int) -> Any:
+    """An AdapterModel on `seeded_backbone(0)` with adapter "a" (r=2 on the conv and the linear) whose
+    factors are drawn from N(0, 1) with `seed`: non-zero outputs, and bytes that differ per seed."""
+    import torch
+
+    from adapter_hub.lora import LoRAConfig
+    from adapter_hub.model import AdapterModel
+
+    model = AdapterModel(seeded_backbone(0))
+    model.add_adapter("a", LoRAConfig(r=2, alpha=4, targets=["0", "4"]))
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for p in model.adapters["a"].parameters():
+            p.normal_()
+    return model
