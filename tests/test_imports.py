@@ -121,3 +121,14 @@ def test_a_circle_is_found_in_every_import_form(tmp_path: Path) -> None:
     assert circles(graph) == [["pkg.a", "pkg.b"], ["pkg.c", "pkg.sub", "pkg.sub.d", "pkg.sub.e"]]
     (pkg / "b.py").write_text("import os\n")
     assert circles(import_graph(pkg)) == [["pkg.c", "pkg.sub", "pkg.sub.d", "pkg.sub.e"]]
+
+
+def test_the_dependency_direction_holds() -> None:
+    """lora/ (the maths) imports nothing else of the package; nothing but cli/ imports cli/."""
+    graph = import_graph(Path(adapter_hub.__file__).parent)
+    for module, targets in graph.items():
+        if module.startswith("adapter_hub.lora"):
+            assert all(t.startswith("adapter_hub.lora") for t in targets), (module, targets)
+        if not module.startswith("adapter_hub.cli"):
+            assert not any(t.startswith("adapter_hub.cli") for t in targets), (module, targets)
+    assert graph["adapter_hub.lora.conv"], "the walk sees lora/'s own imports"
