@@ -16,7 +16,7 @@ from .adapter import SEP, Adapter, head_from_tensors, module_at, module_key
 from .compose.attention_site import AttentionSite
 from .compose.combine import combine as combine_adapters
 from .compose.policies import Stack, Switch
-from .compose.routing import Plan, RoutedOutput
+from .compose.routing import Plan, RoutedOutput, restore_order, route_inputs
 from .compose.sites import HeadSite, LayerSite, Routing, plain_copy
 from .errors import AdapterFileError, AdapterNotFound, ConfigError, FingerprintMismatch, MergeError, TargetError
 from .formats import adapter_file, peft
@@ -317,23 +317,39 @@ class AdapterModel(nn.Module):
                 self._merge_weighted(merged, self._merged_head)
 
     # --- forward -------------------------------------------------------------------------------
-    def forward(self, *args: Any, route: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self, *args: Any, route: Sequence[str | None] | None = None, unrouted: Sequence[str] = (), **kwargs: Any
+    ) -> Any:
+        """The backbone's forward with the live composition. With an active Switch, ``route`` names one adapter
+        (or None) per sample; every input tensor whose first dimension is the batch size is routed with its
+        sample, except keyword arguments named in ``unrouted`` (a tensor whose first dimension only happens
+        to equal the batch size)."""
         if route is None:
             if isinstance(self._active, Switch) and self.routing.enabled:
                 raise ConfigError("a Switch is active: pass route=[adapter per sample]")
             return self.backbone(*args, **kwargs)
-        return self._routed_forward(args, kwargs, route)
+        return self._routed_forward(args, kwargs, route, unrouted)
 
-    def _routed_forward(self, args: tuple, kwargs: dict, route: Sequence[str | None]) -> RoutedOutput:
+    def _routed_forward(
+        self, args: tuple, kwargs: dict, route: Sequence[str | None], unrouted: Sequence[str] = ()
+    ) -> Any:
+        """The backbone on the batch sorted by adapter. Every input tensor with the batch's rows travels with
+        it (see compose/routing.py). A tensor output comes back as a RoutedOutput (each adapter's rows at
+        its head's width); an output of any other structure (tuple, dict, ModelOutput…) comes back with the
+        same structure, each per-sample tensor in input order (heads of different widths zero-padded)."""
         if not isinstance(self._active, Switch):
             raise ConfigError("route= needs an active Switch: model.activate(Switch('a', 'b', ...))")
-        x = args[0]
-        plan = Plan.build(route, self._active.names, x.shape[0], x.device)
+        batch = len(route)
+        device = next(iter(self.backbone.parameters()), torch.empty(0)).device
+        plan = Plan.build(route, self._active.names, batch, device)
+        routed_args, routed_kwargs = route_inputs(args, kwargs, plan.perm, batch, unrouted)
         r = self.routing
-        r.segments, r.batch_size, r.widths = plan.segments, x.shape[0], {}
+        r.segments, r.batch_size, r.widths = plan.segments, batch, {}
         try:
-            sorted_out = self.backbone(x.index_select(0, plan.perm), *args[1:], **kwargs)
-            return RoutedOutput(sorted_out, plan, dict(r.widths))
+            sorted_out = self.backbone(*routed_args, **routed_kwargs)
+            if isinstance(sorted_out, torch.Tensor):
+                return RoutedOutput(sorted_out, plan, dict(r.widths))
+            return restore_order(sorted_out, plan.perm, batch)
         finally:
             r.segments = None
 

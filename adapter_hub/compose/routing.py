@@ -1,9 +1,19 @@
-"""Per-sample routing: sort the batch by adapter once, and give the outputs back in input order."""
+"""Per-sample routing: sort the batch by adapter once, and give the outputs back in input order.
+
+Every input travels with the batch: each tensor, at any depth of the arguments (tuples, lists, dicts and
+mappings such as Hugging Face's ``BatchEncoding`` or ``ModelOutput``), whose first dimension is the batch size
+is sorted with the batch, and each such tensor of the output is put back in input order. A tensor whose first
+dimension equals the batch size by coincidence (not one row per sample) is passed by keyword and named in
+``unrouted`` — the rule is never guessed per tensor."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import copy
+import dataclasses
+from collections import UserDict
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -82,3 +92,70 @@ class RoutedOutput:
             for j, row in enumerate(self._plan.perm[start:end].tolist()):
                 out[row] = self._sorted[start + j, ..., :width]
         return iter(out)  # type: ignore[arg-type]
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor inside it, keeping each container's type: tuples (named ones
+    too), lists, dicts and other mappings (``UserDict`` such as ``BatchEncoding``, dataclass mappings such as
+    ``ModelOutput``). Anything else is returned as it is."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        items = [map_tensors(v, fn) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if isinstance(obj, list):
+        return [map_tensors(v, fn) for v in obj]
+    if isinstance(obj, UserDict):
+        new = copy.copy(obj)
+        new.data = {k: map_tensors(v, fn) for k, v in obj.data.items()}
+        return new
+    if isinstance(obj, Mapping):
+        mapped = {k: map_tensors(v, fn) for k, v in obj.items()}
+        if dataclasses.is_dataclass(obj):  # ModelOutput: a dataclass that is also an ordered dict
+            return type(obj)(**mapped)
+        if type(obj) is dict:
+            return mapped
+        try:
+            return type(obj)(mapped)
+        except TypeError:
+            return mapped
+    return obj
+
+
+def route_inputs(
+    args: tuple, kwargs: dict[str, Any], perm: torch.Tensor, batch: int, unrouted: Collection[str] = ()
+) -> tuple[tuple, dict[str, Any]]:
+    """The arguments with every per-sample tensor (first dimension ``batch``) taken in ``perm`` order; keyword
+    arguments named in ``unrouted`` pass unchanged. At least one tensor must have the batch's rows."""
+    unknown = sorted(set(unrouted) - set(kwargs))
+    if unknown:
+        raise ConfigError(f"unrouted names {unknown}, which are not keyword arguments of this call")
+    seen: list[int] = []  # the leading size of every tensor met, in order
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t.shape[0] if t.dim() else 0)
+        if t.dim() == 0 or t.shape[0] != batch:
+            return t
+        return t.index_select(0, perm.to(t.device))
+
+    routed_args = map_tensors(args, take)
+    routed_kwargs = {k: (v if k in unrouted else map_tensors(v, take)) for k, v in kwargs.items()}
+    if batch not in seen:
+        first = next((n for n in seen if n), None)
+        size = f"a batch of {first} samples" if first is not None else "inputs that hold no tensor"
+        raise ConfigError(f"route has {batch} entries for {size} (no input tensor has {batch} rows)")
+    return routed_args, routed_kwargs
+
+
+def restore_order(obj: Any, perm: torch.Tensor, batch: int) -> Any:
+    """``obj`` (a backbone's output of any structure, computed on the sorted batch) with every tensor whose
+    first dimension is ``batch`` put back in input order."""
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(len(perm), device=perm.device)
+
+    def back(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0 or t.shape[0] != batch:
+            return t
+        return t.index_select(0, inverse.to(t.device))
+
+    return map_tensors(obj, back)

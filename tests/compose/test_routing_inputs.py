@@ -1,0 +1,163 @@
+"""Per-sample routing over any inputs and outputs: every per-sample tensor travels with its sample, at any depth
+of the arguments, and every output structure comes back in input order — checked against running each sample
+alone with its adapter active (outputs and gradients)."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from adapter_hub import AdapterModel, LoRAConfig, Switch
+from adapter_hub.errors import ConfigError
+
+ROUTE = ["b", "a", "b", "a"]
+Pair = namedtuple("Pair", ["main", "extra"])
+
+
+class ScaleNet(nn.Module):
+    """forward(x, scale): the output depends on a second per-sample tensor given positionally or by keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lin(x) * scale
+
+
+class NestedNet(nn.Module):
+    """Nested inputs (a dict holding a tuple) and a structured output (a dict holding a named tuple and a
+    tensor that is not per-sample)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+        self.other = nn.Linear(6, 5)
+
+    def forward(self, inputs: dict[str, Any], *, mask: torch.Tensor) -> dict[str, Any]:
+        x, (y, z) = inputs["x"], inputs["pair"]
+        main = self.lin(x) * mask + self.other(y) - z
+        return {"out": Pair(main, main.sum(-1)), "total": main.sum(), "table": torch.ones(3, 2)}
+
+
+def _adapted(backbone: nn.Module, targets: list[str]) -> AdapterModel:
+    torch.manual_seed(0)
+    model = AdapterModel(backbone)
+    for name in ("a", "b"):
+        model.add_adapter(name, LoRAConfig(r=2, alpha=4, targets=targets))
+        with torch.no_grad():
+            for p in model.adapters[name].parameters():
+                p.normal_()  # non-zero deltas: a zero B would make every comparison pass
+    model.activate(Switch("a", "b"))
+    return model
+
+
+def _alone(model: AdapterModel, name: str, fn: Any) -> Any:
+    switch = model.active
+    model.activate(name)
+    try:
+        return fn()
+    finally:
+        model.activate(switch)
+
+
+def test_a_second_input_by_position_or_keyword_travels_with_its_sample() -> None:
+    torch.manual_seed(1)
+    model = _adapted(ScaleNet(), ["lin"])
+    x, scale = torch.randn(4, 6), torch.randn(4, 1) * 10
+    by_keyword = model(x, scale=scale, route=ROUTE).stack()
+    by_position = model(x, scale, route=ROUTE).stack()
+    kwargs_only = model(x=x, scale=scale, route=ROUTE).stack()
+    for i, name in enumerate(ROUTE):
+        expected = _alone(model, name, lambda i=i: model(x[i : i + 1], scale=scale[i : i + 1]))[0]
+        assert expected.abs().max() > 1e-3
+        for got in (by_keyword, by_position, kwargs_only):
+            torch.testing.assert_close(got[i], expected)
+    bare = model.backbone(x, scale=scale)
+    assert (by_keyword - bare).abs().max() > 1e-3  # the adapters change the output
+
+
+def test_nested_inputs_and_a_structured_output_come_back_in_input_order() -> None:
+    torch.manual_seed(2)
+    model = _adapted(NestedNet(), ["lin", "other"])
+    x, y, z, mask = (torch.randn(4, 6), torch.randn(4, 6), torch.randn(4, 5), torch.rand(4, 1))
+    out = model({"x": x, "pair": (y, z)}, mask=mask, route=ROUTE)
+    assert isinstance(out, dict) and isinstance(out["out"], Pair)
+    torch.testing.assert_close(out["table"], torch.ones(3, 2))  # not per-sample: passed through as it is
+    for i, name in enumerate(ROUTE):
+        alone = _alone(model, name, lambda i=i: model({"x": x[i : i + 1], "pair": (y[i : i + 1], z[i : i + 1])},
+                                                      mask=mask[i : i + 1]))  # fmt: skip
+        torch.testing.assert_close(out["out"].main[i], alone["out"].main[0])
+        torch.testing.assert_close(out["out"].extra[i], alone["out"].extra[0])
+
+
+def test_gradients_of_a_routed_batch_equal_the_per_sample_loop() -> None:
+    torch.manual_seed(3)
+    model = _adapted(ScaleNet(), ["lin"])
+    model.train()
+    x, scale, target = torch.randn(4, 6), torch.randn(4, 1), torch.randn(4, 5)
+    model.zero_grad()
+    ((model(x, scale=scale, route=ROUTE).stack() - target) ** 2).sum().backward()
+    routed = {n: p.grad.clone() for n, p in model.adapters.named_parameters()}
+    model.zero_grad()
+    for i, name in enumerate(ROUTE):
+        model.activate(name)
+        ((model(x[i : i + 1], scale=scale[i : i + 1]) - target[i : i + 1]) ** 2).sum().backward()
+    for n, p in model.adapters.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, n
+        torch.testing.assert_close(routed[n], p.grad, msg=n)
+
+
+def test_a_tensor_that_only_looks_per_sample_is_named_unrouted() -> None:
+    class TableNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(6, 4)
+
+        def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) @ table  # table: (4, 4), shared by every sample; 4 is also the batch size
+
+    torch.manual_seed(4)
+    model = _adapted(TableNet(), ["lin"])
+    x, table = torch.randn(4, 6), torch.randn(4, 4)
+    kept = model(x, table=table, unrouted=["table"], route=ROUTE).stack()
+    for i, name in enumerate(ROUTE):
+        torch.testing.assert_close(kept[i], _alone(model, name, lambda i=i: model(x[i : i + 1], table=table))[0])
+    moved = model(x, table=table, route=ROUTE).stack()  # the documented rule: its rows were sorted too
+    assert (moved - kept).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match=r"unrouted names \['mask'\]"):
+        model(x, table=table, unrouted=["mask"], route=ROUTE)
+    with pytest.raises(ConfigError, match="route has 3 entries for a batch of 4 samples"):
+        model(x, table=table, route=ROUTE[:3])
+
+
+def test_a_hugging_face_encoder_with_padding_masks_routes_per_sample() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16)  # fmt: skip
+    torch.manual_seed(5)
+    model = _adapted(transformers.BertModel(config).eval(), ["*.query", "*.value"])
+    ids = torch.randint(1, 50, (4, 7))
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] * 5 + [0] * 2, [1] * 2 + [0] * 5])
+    batch = transformers.BatchEncoding({"input_ids": ids, "attention_mask": mask})
+    out = model(**batch, route=ROUTE)
+    assert type(out).__name__ == "BaseModelOutputWithPoolingAndCrossAttentions"
+    for i, name in enumerate(ROUTE):
+        alone = _alone(model, name, lambda i=i: model(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1]))
+        keep = mask[i].bool()
+        torch.testing.assert_close(out.last_hidden_state[i][keep], alone.last_hidden_state[0][keep])
+        torch.testing.assert_close(out.pooler_output[i], alone.pooler_output[0])
+    with torch.no_grad():
+        bare = model.backbone(**batch)
+    assert (out.last_hidden_state - bare.last_hidden_state).abs().max() > 1e-3
+    # a BatchEncoding given whole (to a backbone that takes one) is routed inside and keeps its type
+    from adapter_hub.compose.routing import restore_order, route_inputs
+
+    perm = torch.tensor([1, 3, 0, 2])
+    (routed,), _ = route_inputs((batch,), {}, perm, 4)
+    assert type(routed) is transformers.BatchEncoding and torch.equal(routed["input_ids"], ids[perm])
+    assert torch.equal(restore_order(routed, perm, 4)["attention_mask"], mask)
