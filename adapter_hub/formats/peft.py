@@ -26,7 +26,14 @@ from torch import nn
 
 from ..adapter import module_at
 from ..errors import AdapterFileError
-from ..lora import LoRAConfig, LoRAEmbedding, LoRAMultiheadAttention, lora_class_for, lora_scaling
+from ..lora import (
+    LoRAConfig,
+    LoRAEmbedding,
+    LoRAMultiheadAttention,
+    LoRATransposedLinear,
+    lora_class_for,
+    lora_scaling,
+)
 from .adapter_file import read_tensors
 from .record import AdapterRecord
 
@@ -124,7 +131,9 @@ def export_peft(
         "lora_dropout": cfg.dropout,
         "modules_to_save": heads or None,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # transformers' Conv1D stores its weight (in, out): PEFT's name for that layout (it sets the flag per
+        # module by the module's type on loading, so a mix with nn.Linear layers loads right as well)
+        "fan_in_fan_out": any(spec.get("type") == LoRATransposedLinear.__name__ for spec in record.layers.values()),
         "init_lora_weights": True,
         "inference_mode": True,
         "use_dora": False,

@@ -14,7 +14,7 @@ from .base import LoRAConfigError, LoRALayer, lora_scaling
 from .config import LoRAConfig, matches
 from .conv import LoRAConv1d, LoRAConv2d, LoRAConv3d, grouped_rank
 from .embedding import LoRAEmbedding
-from .linear import LoRALinear
+from .linear import LoRALinear, LoRATransposedLinear
 
 # Exact types: a subclass (e.g. a quantised or transposed variant) may compute something else.
 LORA_CLASSES: dict[type[nn.Module], type[LoRALayer]] = {
@@ -28,7 +28,22 @@ LORA_CLASSES: dict[type[nn.Module], type[LoRALayer]] = {
 }
 
 
+def _is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out). Recognised by its
+    class and module name and its attributes, so that transformers is imported only by models that use it."""
+    cls = type(module)
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers.")
+        and isinstance(getattr(module, "weight", None), nn.Parameter)
+        and module.weight.dim() == 2
+        and getattr(module, "nf", None) == module.weight.shape[1]
+    )
+
+
 def lora_class_for(module: nn.Module) -> type[LoRALayer] | None:
+    if _is_transposed_linear(module):
+        return LoRATransposedLinear
     return LORA_CLASSES.get(type(module))
 
 
@@ -43,6 +58,7 @@ __all__ = [
     "LoRALayer",
     "LoRALinear",
     "LoRAMultiheadAttention",
+    "LoRATransposedLinear",
     "grouped_rank",
     "lora_class_for",
     "lora_scaling",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from torch import nn
 
@@ -49,3 +51,32 @@ class LoRALinear(LoRALayer):
         ((b, a),) = factors["weight"]
         self.lora_A.weight.copy_(a)
         self.lora_B.weight.copy_(b / self.scaling)
+
+
+class LoRATransposedLinear(LoRALinear):
+    """LoRA for a linear layer that stores its weight transposed, W0 ∈ R^{in×out} with y = x·W0 + b:
+    transformers' ``Conv1D`` (GPT-2, GPT-J-style blocks). Found by duck typing (``lora_class_for``), so
+    transformers is never imported here.
+
+    y = x·W0 + s·B·A·x with A ∈ R^{r×in}, B ∈ R^{out×r}: the same maths and factors as LoRALinear (PEFT's
+    ``fan_in_fan_out=True`` layout); only ΔW is given in the base weight's layout, ΔW = s·(B·A)ᵀ ∈ R^{in×out},
+    so merging adds it to W0 as stored.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        *,
+        use_rslora: bool = False,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+    ) -> None:
+        in_features, out_features = base.weight.shape
+        # LoRALinear reads only the sizes and the weight's device and dtype
+        shape = SimpleNamespace(in_features=in_features, out_features=out_features, weight=base.weight)
+        super().__init__(shape, r, alpha, use_rslora=use_rslora, dropout=dropout, init=init)  # type: ignore[arg-type]
+
+    def delta_weight(self) -> torch.Tensor:
+        return super().delta_weight().t()  # the factors (and so combine) keep LoRALinear's layout
