@@ -327,6 +327,8 @@ class AdapterModel(nn.Module):
         if route is None:
             if isinstance(self._active, Switch) and self.routing.enabled:
                 raise ConfigError("a Switch is active: pass route=[adapter per sample]")
+            if unrouted:
+                raise ConfigError("unrouted= only means something with route=")
             return self.backbone(*args, **kwargs)
         return self._routed_forward(args, kwargs, route, unrouted)
 

@@ -133,6 +133,9 @@ def test_a_tensor_that_only_looks_per_sample_is_named_unrouted() -> None:
         model(x, table=table, unrouted=["mask"], route=ROUTE)
     with pytest.raises(ConfigError, match="route has 3 entries for a batch of 4 samples"):
         model(x, table=table, route=ROUTE[:3])
+    model.activate("a")
+    with pytest.raises(ConfigError, match="only means something with route="):
+        model(x, table=table, unrouted=["table"])
 
 
 def test_a_hugging_face_encoder_with_padding_masks_routes_per_sample() -> None:
