@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from .adapter import module_key
 from .data import Split
 from .errors import AdapterHubError
 
@@ -286,9 +287,9 @@ def fit_multitask(
 def transfer_init(model, source: str, new_name: str, *, head_modules: dict[str, nn.Module] | None = None):
     """Start adapter ``new_name`` from adapter ``source``: the same deltas and, where given heads do not
     replace them, the same heads (a head of another size starts fresh)."""
-    adapter = model.adapter_from_bytes(new_name, model.adapter_to_bytes(source))
+    adapter = model.add_adapter_from_record(new_name, model.export_record(source))  # a copy, no bytes between
     for path, head in (head_modules or {}).items():
-        key = path.replace(".", "/")
+        key = module_key(path)
         if key in adapter.heads:
             mine = adapter.heads[key]
             if any(a.shape != b.shape for a, b in zip(mine.state_dict().values(), head.state_dict().values())):

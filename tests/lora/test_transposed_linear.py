@@ -122,3 +122,17 @@ def test_peft_reads_our_export_and_we_read_peft_with_the_same_outputs(tmp_path: 
     torch.testing.assert_close(imported(IDS).last_hidden_state, reference, rtol=1e-5, atol=1e-5)
     with imported.disable_adapters():
         assert (imported(IDS).last_hidden_state - reference).abs().max() > 1e-2
+
+
+def test_combining_gpt2_adapters_equals_stacking_them() -> None:
+    from adapter_hub import Stack
+
+    model = adapted(("a", "b"))
+    model.activate(Stack("a", "b", weights=[0.7, -0.4]))
+    stacked = model(IDS).last_hidden_state
+    model.combine("ab", ["a", "b"], [0.7, -0.4], method="linear")
+    assert all(isinstance(layer, LoRATransposedLinear) for _, layer in model.adapters["ab"].layer_items())
+    model.activate("ab")
+    torch.testing.assert_close(model(IDS).last_hidden_state, stacked, rtol=1e-5, atol=1e-5)
+    with model.disable_adapters():
+        assert (model(IDS).last_hidden_state - stacked).abs().max() > 1e-2
