@@ -66,11 +66,13 @@ def _blobs(home: Path) -> list[Path]:
 # -- 1. gc racing registrations ------------------------------------------------------------------------
 
 
-def _writer(home: str, url: str, worker: int, count: int, out: Any) -> None:
-    """Register new content into t/wN and identical content into t/same, alternately; report each outcome."""
+def _writer(home: str, url: str, worker: int, count: int, started: Any, out: Any) -> None:
+    """Register new content into t/wN and identical content into t/same, alternately; report each outcome.
+    The writers start once gc has run, so that every registration races a looping gc."""
     torch.set_num_threads(1)
     model, done, errors = _model(), [], []
     with Hub.open(home, url) as hub:
+        started.wait(TIMEOUT_S)
         for i in range(count):
             same = i % 2 == 1
             _vary(model, SAME if same else 1000.0 * worker + i)
@@ -83,7 +85,7 @@ def _writer(home: str, url: str, worker: int, count: int, out: Any) -> None:
     out.put((done, errors))
 
 
-def _deleter(home: str, url: str, stop: Any, out: Any) -> None:
+def _deleter(home: str, url: str, stop: Any, out: Any, _started: Any) -> None:
     """Delete live versions of t/same while the writers add more: their blob is the one being re-used."""
     deleted = []
     with Hub.open(home, url) as hub:
@@ -95,12 +97,13 @@ def _deleter(home: str, url: str, stop: Any, out: Any) -> None:
     out.put(deleted)
 
 
-def _gc_loop(home: str, url: str, stop: Any, out: Any) -> None:
+def _gc_loop(home: str, url: str, stop: Any, out: Any, started: Any) -> None:
     runs = 0
     with Hub.open(home, url) as hub:
         while not stop.is_set():
             hub.gc(grace_s=random.choice([0.0, 0.0, 0.05, 1.0]), purge_deleted=runs % 2 == 0)
             runs += 1
+            started.set()
     out.put(runs)
 
 
@@ -111,9 +114,9 @@ def test_gc_never_takes_a_blob_a_live_version_or_a_registration_uses(tmp_path: P
         model = _model()
         _vary(model, SAME)
         hub.register(model, "a", task="t", name="same")
-    out, stop = CTX.Queue(), CTX.Event()
-    writers = [CTX.Process(target=_writer, args=(str(tmp_path), db_url, w, 12, out)) for w in range(3)]
-    helpers = [CTX.Process(target=f, args=(str(tmp_path), db_url, stop, out)) for f in (_deleter, _gc_loop)]
+    out, stop, started = CTX.Queue(), CTX.Event(), CTX.Event()
+    writers = [CTX.Process(target=_writer, args=(str(tmp_path), db_url, w, 12, started, out)) for w in range(3)]
+    helpers = [CTX.Process(target=f, args=(str(tmp_path), db_url, stop, out, started)) for f in (_deleter, _gc_loop)]
     for p in writers + helpers:
         p.start()
     results = [out.get(timeout=TIMEOUT_S) for _ in writers]
