@@ -48,7 +48,7 @@ class AdapterModel(nn.Module):
         self._active: str | Stack | Switch | None = None
         self._merged: tuple[tuple[str, float], ...] | None = None
         self._merged_head: str | None = None
-        self._previous: tuple[Any, tuple[tuple[str, float], ...], str | None] = (None, (), None)
+        self._previous: tuple[Any, tuple[tuple[str, float], ...], str | None, bool] = (None, (), None, False)
         self._fingerprint = compute_fingerprint(backbone)
         self.train(backbone.training)  # batch-norm statistics are frozen from the start
 
@@ -279,7 +279,8 @@ class AdapterModel(nn.Module):
         for n in names:
             self._require(n)
         r = self.routing
-        r.segments = None
+        r.segments, r.switch = None, isinstance(spec, Switch)
+        r.generation += 1
         if spec is None:
             r.weighted, r.head = (), None
         elif isinstance(spec, str):
@@ -329,7 +330,9 @@ class AdapterModel(nn.Module):
                 raise ConfigError("a Switch is active: pass route=[adapter per sample]")
             if unrouted:
                 raise ConfigError("unrouted= only means something with route=")
-            return self.backbone(*args, **kwargs)
+            out = self.backbone(*args, **kwargs)
+            self.routing.keep_for_backward(out)
+            return out
         return self._routed_forward(args, kwargs, route, unrouted)
 
     def _routed_forward(
@@ -349,6 +352,7 @@ class AdapterModel(nn.Module):
         r.segments, r.batch_size, r.widths = plan.segments, batch, {}
         try:
             sorted_out = self.backbone(*routed_args, **routed_kwargs)
+            r.keep_for_backward(sorted_out)  # checkpointed layers recompute with these rows in backward
             if isinstance(sorted_out, torch.Tensor):
                 return RoutedOutput(sorted_out, plan, dict(r.widths))
             return restore_order(sorted_out, plan.perm, batch)
@@ -385,8 +389,9 @@ class AdapterModel(nn.Module):
                 raise MergeError(f"cannot merge: {why}")
         for site in self._sites.values():
             site.merge(weighted)
-        self._previous = (self._active, self.routing.weighted, self.routing.head)
-        self.routing.weighted, self.routing.head = (), head
+        self._previous = (self._active, self.routing.weighted, self.routing.head, self.routing.switch)
+        self.routing.weighted, self.routing.head, self.routing.switch = (), head, False
+        self.routing.generation += 1
         self._active = None  # the merged weights are the live composition until unmerge()
         self._merged, self._merged_head = weighted, head
 
@@ -396,7 +401,8 @@ class AdapterModel(nn.Module):
             return
         for site in self._sites.values():
             site.unmerge()
-        self._active, self.routing.weighted, self.routing.head = self._previous
+        self._active, self.routing.weighted, self.routing.head, self.routing.switch = self._previous
+        self.routing.generation += 1
         self._merged = None
 
     @property

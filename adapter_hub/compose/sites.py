@@ -14,19 +14,34 @@ them bit for bit. The maths of each delta lives in ``adapter_hub.lora``; this mo
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..lora import LoRALayer
+from .routing import map_tensors
+
+
+class CheckpointRoutingError(ConfigError):
+    """A backward pass that recomputes checkpointed layers of forwards run with different compositions."""
 
 
 @dataclass
 class Routing:
-    """What the sites of one model apply in the current forward."""
+    """What the sites of one model apply in the current forward.
+
+    Sites read it through :meth:`now`. Under activation checkpointing (``torch.utils.checkpoint``, reentrant
+    or not, and Hugging Face's ``gradient_checkpointing_enable``) the backward pass runs the checkpointed
+    layers a second time, after the forward has returned and the live routing may have moved on (a Switch's
+    rows are only set during its forward). So every forward leaves a snapshot of its routing on its outputs
+    (:meth:`keep_for_backward`); when the backward reaches them the snapshot is filed under that backward
+    pass, and a recomputation inside the pass applies it instead of the live routing."""
 
     enabled: bool = True
     weighted: tuple[tuple[str, float], ...] = ()  # (adapter, weight) summed on every sample
@@ -34,6 +49,69 @@ class Routing:
     segments: tuple[tuple[str | None, int, int], ...] | None = None  # (adapter, start, end) of sorted rows
     batch_size: int = 0
     widths: dict[str | None, int] = field(default_factory=dict)  # output width of each routed head
+    switch: bool = False  # a per-sample Switch is active: a forward must carry its rows (segments)
+    generation: int = 0  # counts activations, merges and unmerges (which change what trains)
+    # backward pass id → the routings of the forwards it runs through (one entry per distinct routing)
+    replays: dict[int, dict[tuple, Routing]] = field(default_factory=dict, repr=False)
+
+    def key(self) -> tuple:
+        return (self.enabled, self.weighted, self.head, self.segments, self.batch_size, self.switch, self.generation)
+
+    def now(self) -> Routing:
+        """The routing to apply: the live one, or the snapshot of the forward being recomputed."""
+        if self.replays:
+            states = self.replays.get(torch._C._current_graph_task_id())
+            if states:
+                if len(states) > 1:
+                    raise CheckpointRoutingError(
+                        "one backward pass recomputes checkpointed layers of forwards that ran with different "
+                        "adapters or routes; call backward once per forward (or sum losses of forwards with the "
+                        "same composition)"
+                    )
+                state = next(iter(states.values()))
+                if state.generation != self.generation:
+                    raise CheckpointRoutingError(
+                        "adapters were activated, merged or unmerged between a forward and its backward, which "
+                        "recomputes checkpointed layers; call backward before changing the composition"
+                    )
+                return state
+        if self.switch and self.segments is None and self.enabled:
+            raise ConfigError(
+                "a Switch is active but this forward carries no route: call the AdapterModel with "
+                "route=[adapter per sample], not its backbone"
+            )
+        return self
+
+    def keep_for_backward(self, output: Any) -> None:
+        """Hook every tensor of ``output`` that autograd will differentiate: when the backward reaches it,
+        the routing of this forward is filed for the recomputations of that backward pass."""
+        if not torch.is_grad_enabled():
+            return
+        state = Routing(self.enabled, self.weighted, self.head, self.segments, self.batch_size, {}, self.switch,
+                        self.generation)
+        tensors = [t for t in _tensors(output) if t.requires_grad]
+        for t in tensors:
+            t.register_hook(functools.partial(self._file, state))
+
+    def _file(self, state: Routing, grad: torch.Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        states = self.replays.setdefault(task, {})
+        if not states:  # the first snapshot of this pass: forget the pass's snapshots when it ends
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self.replays.pop(task, None))
+            while len(self.replays) > 64:  # passes that raised never ran their callback
+                self.replays.pop(next(iter(self.replays)))
+        states.setdefault(state.key(), state)
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        found.append(t)
+        return t
+
+    map_tensors(obj, take)
+    return found
 
 
 class _Site:
@@ -77,7 +155,7 @@ class LayerSite(_Site):
             self.detach()
 
     def active(self) -> bool:
-        r = self.routing
+        r = self.routing.now()
         if not r.enabled:
             return False
         if any(name in self.layers for name, _ in r.weighted):
@@ -95,7 +173,7 @@ class LayerSite(_Site):
         The sums are taken in place: ``out`` is a fresh output of the base op, which autograd does not
         keep (linear, conv and embedding backward need their input and weight, not their output).
         """
-        r = self.routing
+        r = self.routing.now()
         if not r.enabled:
             return out
         for name, w in r.weighted:
@@ -128,7 +206,7 @@ class LayerSite(_Site):
     # --- fast path -----------------------------------------------------------------------------
     def _fusable(self) -> bool:
         """Whether the active deltas can run as plain A/B products (no dropout on their input)."""
-        r = self.routing
+        r = self.routing.now()
         names = [n for n, _ in r.weighted] + ([n for n, _, _ in r.segments] if r.segments else [])
         return all(
             isinstance(layer.dropout, nn.Identity) or not layer.training
@@ -153,7 +231,7 @@ class LayerSite(_Site):
         cached until W or an A changes. Per-sample routing: ``op`` on the whole batch, then each
         adapter's A ⋆ x on its own contiguous rows, added in place by the same fused multiply-add.
         """
-        r = self.routing
+        r = self.routing.now()
         if r.segments is None:
             active = [(part(self.layers[n]), w) for n, w in r.weighted if n in self.layers]
             return self._fused(x, weight, bias, op, active, slot)
@@ -296,7 +374,7 @@ class HeadSite(_Site):
         return head if head is not None else self.base_forward
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        r = self.routing
+        r = self.routing.now()
         if not r.enabled:
             return self.base_forward(x, *args, **kwargs)
         if r.segments is None:

@@ -77,8 +77,15 @@ def test_a_second_input_by_position_or_keyword_travels_with_its_sample() -> None
         assert expected.abs().max() > 1e-3
         for got in (by_keyword, by_position, kwargs_only):
             torch.testing.assert_close(got[i], expected)
-    bare = model.backbone(x, scale=scale)
+    with model.disable_adapters():
+        bare = model(x, scale=scale)
     assert (by_keyword - bare).abs().max() > 1e-3  # the adapters change the output
+
+
+def test_the_backbone_called_directly_under_a_switch_is_refused_not_run_bare() -> None:
+    model = _adapted(ScaleNet(), ["lin"])
+    with pytest.raises(ConfigError, match="carries no route"):
+        model.backbone(torch.randn(4, 6), scale=torch.ones(4, 1))
 
 
 def test_nested_inputs_and_a_structured_output_come_back_in_input_order() -> None:
@@ -154,8 +161,8 @@ def test_a_hugging_face_encoder_with_padding_masks_routes_per_sample() -> None:
         keep = mask[i].bool()
         torch.testing.assert_close(out.last_hidden_state[i][keep], alone.last_hidden_state[0][keep])
         torch.testing.assert_close(out.pooler_output[i], alone.pooler_output[0])
-    with torch.no_grad():
-        bare = model.backbone(**batch)
+    with torch.no_grad(), model.disable_adapters():
+        bare = model(**batch)
     assert (out.last_hidden_state - bare.last_hidden_state).abs().max() > 1e-3
     # a BatchEncoding given whole (to a backbone that takes one) is routed inside and keeps its type
     from adapter_hub.compose.routing import restore_order, route_inputs
