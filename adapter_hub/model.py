@@ -104,7 +104,8 @@ class AdapterModel(nn.Module):
                 kinds = sorted({f"{type(m).__name__} ({p})" for p, m in hits[:5]})
                 raise TargetError(
                     f"target pattern {pattern!r} matches only layer types without a LoRA variant: "
-                    f"{', '.join(kinds)}; supported: Linear, Conv1d/2d/3d, Embedding, MultiheadAttention"
+                    f"{', '.join(kinds)}; supported: Linear, Conv1d/2d/3d, Embedding, MultiheadAttention and "
+                    "transformers' Conv1D"
                 )
             targets += [p for p in usable if p not in targets]
         if not targets and not heads:

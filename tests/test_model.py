@@ -172,7 +172,8 @@ def test_bad_configurations_are_clear_errors():
     model = AdapterModel(resnet())
     with pytest.raises(TargetError, match=r"'layer9\*' matches no module.*close module names"):
         model.add_adapter("a", LoRAConfig(targets=["layer9*"]))
-    with pytest.raises(TargetError, match=r"BatchNorm2d \(bn1\)"):
+    supported = "supported: Linear, Conv1d/2d/3d, Embedding, MultiheadAttention and transformers' Conv1D"
+    with pytest.raises(TargetError, match=r"BatchNorm2d \(bn1\); " + supported):
         model.add_adapter("a", LoRAConfig(targets=["bn1"]))
     with pytest.raises(LoRAConfigError, match="positive"):
         LoRAConfig(r=0)
