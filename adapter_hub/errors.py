@@ -36,6 +36,10 @@ class MergeError(AdapterHubError, RuntimeError):
     """A delta that cannot be folded into the base weight (e.g. a grouped conv whose A crosses groups)."""
 
 
+class CheckpointRoutingError(ConfigError):
+    """A backward pass whose recomputation of checkpointed layers cannot be the forward's composition."""
+
+
 class CombineError(MergeError):
     """A delta that cannot be combined with others into a new adapter (it has no ΔW in the base weight's shape)."""
 

@@ -23,13 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import CheckpointRoutingError, ConfigError
 from ..lora import LoRALayer
 from .routing import map_tensors
-
-
-class CheckpointRoutingError(ConfigError):
-    """A backward pass that recomputes checkpointed layers of forwards run with different compositions."""
 
 
 @dataclass

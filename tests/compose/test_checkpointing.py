@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from adapter_hub import AdapterModel, LoRAConfig, Stack, Switch
-from adapter_hub.compose.sites import CheckpointRoutingError
+from adapter_hub.errors import CheckpointRoutingError
 
 ROUTE = ["b", "a", None, "a", "b", "b"]
 
