@@ -44,6 +44,10 @@ class CombineError(MergeError):
     """A delta that cannot be combined with others into a new adapter (it has no ΔW in the base weight's shape)."""
 
 
+class AdapterHubWarning(UserWarning):
+    """Base of the package's warnings: the CLI prints each as one ``warning:`` line."""
+
+
 def is_user_error(exc: BaseException) -> bool:
     """What a user can cause: the CLI prints these as one line. ``lora/`` raises its own type (it imports
     nothing of the package); it is looked up only if loaded, so this module never imports torch."""

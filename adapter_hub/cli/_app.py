@@ -4,6 +4,7 @@ and output helpers (rich tables for people, --json for scripts)."""
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,12 +27,23 @@ class HubGroup(click.Group):
     """A click group whose user errors (adapter_hub.errors) print as one line on stderr, exit code 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except Exception as exc:
-            if not errors.is_user_error(exc):
-                raise
-            raise click.ClickException(one_line(exc)) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", errors.AdapterHubWarning)
+            shown = warnings.showwarning
+
+            def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+                if issubclass(category, errors.AdapterHubWarning):  # ours: one line, no source location
+                    click.echo(f"warning: {one_line(Exception(str(message)))}", err=True)
+                else:
+                    shown(message, category, *args, **kwargs)
+
+            warnings.showwarning = show
+            try:
+                return super().invoke(ctx)
+            except Exception as exc:
+                if not errors.is_user_error(exc):
+                    raise
+                raise click.ClickException(one_line(exc)) from None
 
 
 @dataclass

@@ -345,3 +345,28 @@ def test_demo_and_predict_tables_print_names_literally(tmp_path: Path, monkeypat
     out = invoke(home, "predict", root, "--data", str(tmp_path)).output
     assert r"\x1b[31m[/x]" in out and "[red]x" in out and "100.00%" in out
     assert_inert(out)
+
+
+def test_a_peft_export_that_peft_computes_differently_warns_in_one_line(tmp_path: Path) -> None:
+    """An nn.MultiheadAttention adapter: PEFT (≤ 0.21) adds its out_proj delta twice. The export is written and
+    the warning is one `warning:` line on stderr, no source location."""
+    import torch
+
+    from adapter_hub import AdapterModel, LoRAConfig
+    from adapter_hub.backbones import build_backbone
+
+    home = tmp_path / "home"
+    invoke(home, "backbone", "add", "vit", "vit_small", "--num-classes", "10", "--seed", "0")
+    model = AdapterModel(build_backbone({"architecture": "vit_small", "num_classes": 10, "seed": 0}))
+    model.add_adapter("a", LoRAConfig(r=2, targets=["*.self_attention"], heads=["heads.head"]))
+    with torch.no_grad():
+        for n, p in model.adapters["a"].named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    with Hub.open(home) as hub:
+        hub.add_task("digits", num_classes=10)
+        hub.register(model, "a", task="digits", name="attn", backbone="vit")
+    result = invoke(home, "export", "digits/attn:1", str(tmp_path / "peft"), "--format", "peft")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: adapter") and "twice" in lines[0], result.stderr
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
