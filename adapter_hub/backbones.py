@@ -1,4 +1,6 @@
-"""Catalogue of torchvision backbones with sensible LoRA targets, and loading their weights."""
+"""Backbones: the catalogue of torchvision models with sensible LoRA targets, building a recorded source (a
+catalogue or torchvision name, module:callable behind a trust gate, or a Transformers directory through
+adapter_hub.hf), loading weights, and rebuilding a record under its fingerprint."""
 
 from __future__ import annotations
 
@@ -14,15 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AdapterHubError
-
-
-class BackboneError(AdapterHubError, ValueError):
-    """An unknown architecture or a weights file that does not fit."""
-
-
-class UntrustedFactory(BackboneError):
-    """A registry record names a factory (code) that the local user has not allowed to run."""
+from . import checks, hf
+from .errors import BackboneError, UntrustedFactory, first_line
 
 
 @dataclass(frozen=True)
@@ -107,7 +102,7 @@ def trusted_factories() -> set[str]:
     except FileNotFoundError:
         lines = []
     except (OSError, UnicodeDecodeError) as exc:
-        raise BackboneError(f"cannot read the trusted factories file {path}: {_first_line(exc)}") from None
+        raise BackboneError(f"cannot read the trusted factories file {path}: {first_line(exc)}") from None
     names.update(line.strip() for line in lines if not line.lstrip().startswith("#"))
     names.discard("")
     return names
@@ -138,23 +133,6 @@ def check_trusted(name: str, architecture: str, *, trust_code: bool = False) -> 
     )
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
-def _num_classes(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise BackboneError(f"the number of classes must be a whole number, got {value!r}")
-    try:
-        number = int(value)
-    except ValueError:
-        raise BackboneError(f"the number of classes must be a whole number, got {value!r}") from None
-    if number < 1:
-        raise BackboneError(f"the number of classes must be at least 1, got {number}")
-    return number
-
-
 def load_factory(architecture: str) -> Callable[..., Any]:
     """Import ``module:callable`` and return the callable. This runs the module's code: a registry record's
     factory passes :func:`check_trusted` first."""
@@ -166,7 +144,7 @@ def load_factory(architecture: str) -> Callable[..., Any]:
     except ModuleNotFoundError as exc:
         raise BackboneError(f"cannot import backbone factory {architecture!r}: no module named {exc.name!r}") from None
     except Exception as exc:  # a module's code may raise anything while it is imported
-        raise BackboneError(f"cannot import backbone factory {architecture!r}: {_first_line(exc)}") from None
+        raise BackboneError(f"cannot import backbone factory {architecture!r}: {first_line(exc)}") from None
     if not hasattr(module, attr):
         raise BackboneError(f"cannot import backbone factory {architecture!r}: {module_name} has no {attr!r}")
     factory = getattr(module, attr)
@@ -179,10 +157,13 @@ def build_backbone(source: dict[str, Any]) -> nn.Module:
     """Build a backbone from its recorded source: ``architecture`` (a catalogue name, any
     torchvision.models name, or ``module:callable``), ``num_classes``, ``seed`` of the initialisation,
     ``weights`` (a local .safetensors or torchvision .pth file) or ``torchvision_weights`` (a torchvision
-    weights name, downloaded by torchvision where there is internet).
+    weights name, downloaded by torchvision where there is internet). A source with ``hf`` is a
+    Transformers model directory (see :func:`from_transformers`).
 
     A ``module:callable`` is imported and called here without asking: this is for an architecture the
     caller chose. A registry record is rebuilt with :func:`rebuild`, which asks first."""
+    if hf.is_transformers(source):
+        return hf.build(source)
     arch = source.get("architecture")
     if not arch:
         raise BackboneError("the backbone records no architecture to build it from")
@@ -190,7 +171,7 @@ def build_backbone(source: dict[str, Any]) -> nn.Module:
         raise BackboneError(f"the backbone's architecture must be a name or module:callable, got {arch!r}")
     kwargs: dict[str, Any] = {}
     if source.get("num_classes") is not None:
-        kwargs["num_classes"] = _num_classes(source["num_classes"])
+        kwargs["num_classes"] = checks.num_classes(source["num_classes"])
     factory = load_factory(arch) if is_factory(arch) else None  # before seeding: importing may draw numbers
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(source.get("seed") or 0))
@@ -199,7 +180,7 @@ def build_backbone(source: dict[str, Any]) -> nn.Module:
                 model = factory(**kwargs)
             except Exception as exc:  # the factory is code of any kind; its failure is reported, not raised
                 given = f" with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}" if kwargs else ""
-                raise BackboneError(f"calling backbone factory {arch!r}{given} failed: {_first_line(exc)}") from None
+                raise BackboneError(f"calling backbone factory {arch!r}{given} failed: {first_line(exc)}") from None
         elif arch in ("resnet_small", "vit_small"):
             model = globals()[arch](**kwargs)
         else:
@@ -214,7 +195,7 @@ def build_backbone(source: dict[str, Any]) -> nn.Module:
                 weights = source.get("torchvision_weights")
                 model = torchvision.models.get_model(arch, weights=weights, **kwargs)
             except (ValueError, TypeError) as exc:  # weights that do not exist or do not fit num_classes
-                raise BackboneError(f"cannot build torchvision {arch!r}: {_first_line(exc)}") from None
+                raise BackboneError(f"cannot build torchvision {arch!r}: {first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise BackboneError(f"backbone factory {arch!r} returned a {type(model).__name__}, not a torch.nn.Module")
     if source.get("weights"):

@@ -57,6 +57,19 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:40] + "…"
 
 
+def num_classes(value: Any, error: type[Exception] = ConfigError) -> int:
+    """A number of classes: a whole number (or its text, as a recorded source may hold) of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise error(f"the number of classes must be a whole number, got {_shown(value)}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise error(f"the number of classes must be a whole number, got {_shown(value)}") from None
+    if number < 1:
+        raise error(f"the number of classes must be at least 1, got {number}")
+    return number
+
+
 def seed(value: Any, name: str = "seed") -> int:
     return whole(name, value, low=0, high=SEED_MAX)
 

@@ -71,6 +71,15 @@ class Dataset:
     num_classes: int
     name: str
 
+    def split(self, name: str) -> Split:
+        """``train``, ``val``, ``test``, or ``all`` (the three together)."""
+        if name == "all":
+            parts = (self.train, self.val, self.test)
+            return Split(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
+        if name not in ("train", "val", "test"):
+            raise DataError(f"split must be train, val, test or all, got {name!r}")
+        return getattr(self, name)
+
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits

@@ -36,6 +36,14 @@ class MergeError(AdapterHubError, RuntimeError):
     """A delta that cannot be folded into the base weight (e.g. a grouped conv whose A crosses groups)."""
 
 
+class BackboneError(AdapterHubError, ValueError):
+    """An unknown architecture, a model directory or weights file that does not fit, or a rebuild that fails."""
+
+
+class UntrustedFactory(BackboneError):
+    """A registry record names a factory (code) that the local user has not allowed to run."""
+
+
 class CheckpointRoutingError(ConfigError):
     """A backward pass whose recomputation of checkpointed layers cannot be the forward's composition."""
 
@@ -46,6 +54,12 @@ class CombineError(MergeError):
 
 class AdapterHubWarning(UserWarning):
     """Base of the package's warnings: the CLI prints each as one ``warning:`` line."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of an exception raised by code we do not control."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def is_user_error(exc: BaseException) -> bool:

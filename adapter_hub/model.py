@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ from .adapter import SEP, Adapter, head_from_tensors, module_at, module_key
 from .compose.attention_site import AttentionSite
 from .compose.combine import combine as combine_adapters
 from .compose.policies import Stack, Switch
-from .compose.routing import Plan, RoutedOutput, restore_order, route_inputs
+from .compose.routing import Plan, RoutedOutput, put_back, restore_order, route_inputs
 from .compose.sites import HeadSite, LayerSite, Routing, plain_copy
 from .errors import AdapterFileError, AdapterNotFound, ConfigError, FingerprintMismatch, MergeError, TargetError
 from .formats import adapter_file, peft
@@ -145,7 +146,8 @@ class AdapterModel(nn.Module):
             if cls is None:
                 raise TargetError(f"{path} is a {type(base).__name__}, which has no LoRA variant")
             adapter.layers[module_key(path)] = cls.from_spec(
-                base, spec, use_rslora=config.use_rslora, dropout=config.dropout, init=config.init
+                base, spec, use_rslora=config.use_rslora, dropout=config.dropout, init=config.init,
+                use_dora=config.use_dora,
             )
         head_modules = dict(head_modules or {})
         for path in heads:
@@ -279,6 +281,10 @@ class AdapterModel(nn.Module):
         names = _names(spec)
         for n in names:
             self._require(n)
+        if isinstance(spec, Stack):  # a DoRA layer does not sum with other deltas (LayerSite.dora_blocker)
+            for site in self._sites.values():
+                if (why := site.dora_blocker(spec.weighted)) is not None:
+                    raise ConfigError(f"cannot activate {spec!r}: {why}")
         r = self.routing
         r.segments, r.switch = None, isinstance(spec, Switch)
         r.generation += 1
@@ -348,17 +354,19 @@ class AdapterModel(nn.Module):
         batch = len(route)
         device = next(iter(self.backbone.parameters()), torch.empty(0)).device
         plan = Plan.build(route, self._active.names, batch, device)
-        routed_args, routed_kwargs = route_inputs(args, kwargs, plan.perm, batch, unrouted)
+        caches: list[Any] = []  # key/value caches given: reordered in place, put back below
         r = self.routing
-        r.segments, r.batch_size, r.widths = plan.segments, batch, {}
         try:
+            routed_args, routed_kwargs = route_inputs(args, kwargs, plan.perm, batch, unrouted, caches)
+            r.segments, r.batch_size, r.widths = plan.segments, batch, {}
             sorted_out = self.backbone(*routed_args, **routed_kwargs)
             r.keep_for_backward(sorted_out)  # checkpointed layers recompute with these rows in backward
             if isinstance(sorted_out, torch.Tensor):
                 return RoutedOutput(sorted_out, plan, dict(r.widths))
-            return restore_order(sorted_out, plan.perm, batch)
+            return restore_order(sorted_out, plan.perm, batch, done=caches)
         finally:
             r.segments = None
+            put_back(caches, plan.perm)
 
     def train(self, mode: bool = True) -> AdapterModel:
         super().train(mode)
@@ -470,7 +478,12 @@ class AdapterModel(nn.Module):
         return self.add_adapter_from_record(name, adapter_file.decode(data), force=force)
 
     def export_peft(self, name: str, directory: str | Path, *, base_model_name_or_path: str | None = None) -> None:
-        peft.export_peft(self.export_record(name), directory, base_model_name_or_path=base_model_name_or_path)
+        """Write adapter ``name`` as a PEFT LoRA directory. When PEFT is known to compute it differently (an
+        nn.MultiheadAttention LoRA, PEFT <= 0.21), a ``PeftCompatibilityWarning`` says so in one line."""
+        record = self.export_record(name)
+        peft.export_peft(record, directory, base_model_name_or_path=base_model_name_or_path)
+        for caveat in peft.peft_caveats(record):
+            warnings.warn(f"adapter {name!r}: {caveat}", peft.PeftCompatibilityWarning, stacklevel=2)
 
     def import_peft(self, directory: str | Path, name: str, *, adapter_name: str = "default") -> Adapter:
         record = peft.import_peft(self.backbone, directory, adapter_name=adapter_name)

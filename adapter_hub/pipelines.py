@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import checks
 from .combine_methods import check_method
@@ -16,7 +16,7 @@ from .errors import ConfigError
 from .registry import Hub
 from .registry.errors import RegistryError
 from .registry.export import FORMATS, export_version
-from .registry.records import Parent, Version
+from .registry.records import Backbone, Parent, Version
 from .registry.refs import adapter_path, check_key, check_name
 
 if TYPE_CHECKING:
@@ -138,6 +138,11 @@ def compose_refs(
         hub.load_into(model, version.ref, name=local)
     params = {"density": density, "rank": rank, "seed": seed, "head": head_name}
     combined = model.combine("combined", names, weights, method, **{k: v for k, v in params.items() if v is not None})
+    # a text classifier's class names and max_length go with its head: the chosen one's, or the one all share
+    texts = [model.adapters[n].metadata.get("text") for n in names]
+    shared = texts[names.index(head_name)] if head_name else (texts[0] if all(t == texts[0] for t in texts) else None)
+    if shared is not None:
+        combined.metadata["text"] = shared
     recipe = combined.metadata["recipe"]
     parents = [
         Parent(v.ref, "composed_from", weight=w, method=method, params=recipe["params"])
@@ -146,6 +151,83 @@ def compose_refs(
     return hub.register(model, "combined", task=task, name=name, parents=parents,
                         metrics={"compose/rel_error": recipe["rel_error"]},
                         description=f"{method} of {', '.join(v.ref for v in versions)}", key=key)  # fmt: skip
+
+
+def add_transformers_backbone(
+    hub: Hub,
+    name: str,
+    directory: str | os.PathLike[str],
+    *,
+    num_classes: int = 2,
+    seed: int = 0,
+    pooling: str | None = None,
+    description: str | None = None,
+) -> Backbone:
+    """Register backbone NAME from a local Transformers model directory (``save_pretrained``'s output): its
+    fingerprint over the classifier's weights, a source that rebuilds it (directory, configuration, pooling,
+    seed) and the tokenizer's files, stored in the registry by sha256 so that a rebuild anywhere tokenises
+    as this one does. Nothing is registered when the directory is missing or does not load."""
+    from .hf import from_transformers
+
+    check_name("backbone", name)
+    seed = checks.seed(seed)
+    num_classes = checks.whole("num_classes", num_classes, low=1)
+    read = from_transformers(directory, num_classes=num_classes, seed=seed, pooling=pooling)
+    return hub.add_backbone(name, read.module, architecture=read.architecture, source=read.source,
+                            description=description, files=read.tokenizer_files)  # fmt: skip
+
+
+def tokenizer_for(hub: Hub, backbone: str) -> Any:
+    """The tokenizer recorded with Transformers backbone ``backbone``, read from the registry (checked against
+    its sha256), not from the model directory."""
+    from .hf import load_tokenizer
+
+    record = hub.backbone(backbone)
+    return load_tokenizer(hub.backbone_files(record.name), record.source or {}, name=f"backbone {record.name!r}")
+
+
+def _takes_text(record: Backbone, data: str | os.PathLike[str], max_length: int | None) -> bool:
+    """Whether the backbone takes text (a Transformers backbone) or images; refuses data of the other kind.
+    The backbone decides, the data must match: text is a .csv/.jsonl file or a folder of train/val/test
+    files, images an ImageFolder directory."""
+    from . import text
+    from .hf import is_transformers
+
+    path = Path(data)
+    if is_transformers(record.source):
+        if not path.exists():
+            raise ConfigError(f"data file {path} does not exist")
+        if not text.is_text_source(path):
+            raise ConfigError(f"backbone {record.name!r} is a Transformers backbone: the data must be a .csv or "
+                              f".jsonl file with text and label columns (or a folder of train, val and test files), "
+                              f"got {path}")  # fmt: skip
+        return True
+    if path.exists() and text.is_text_source(path):
+        raise ConfigError(f"backbone {record.name!r} takes images: the data must be an ImageFolder directory, not "
+                          f"the text data {path}")  # fmt: skip
+    if max_length is not None:
+        raise ConfigError(f"--max-length is for text data; backbone {record.name!r} takes images")
+    checks.directory(path)
+    return False
+
+
+def text_settings(model: AdapterModel, adapter: str) -> tuple[list[str] | None, int, int]:
+    """(class names or None, max_length, number of classes) of text adapter ``adapter`` of ``model``: what it
+    records in its metadata (``text``) and the width of its classifier head."""
+    from . import hf, text
+
+    meta = model.adapters[adapter].metadata.get("text") or {}
+    classes = meta.get("classes")
+    head = dict(model.adapters[adapter].head_items()).get(hf.HEAD)  # type: ignore[operator]
+    width = getattr(head, "out_features", None)
+    if not isinstance(width, int):
+        raise ConfigError(f"adapter {adapter!r} has no {hf.HEAD} head: it is not a text classifier")
+    max_length = meta.get("max_length")
+    if not isinstance(max_length, int) or max_length < 1:  # an adapter made elsewhere (imported): the default
+        config = getattr(getattr(model.backbone, "base", None), "config", None)
+        positions = hf.max_positions(config.to_dict()) if config is not None else None
+        max_length = min(text.DEFAULT_MAX_LENGTH, positions or text.DEFAULT_MAX_LENGTH)
+    return (list(classes) if isinstance(classes, list) else None), max_length, width
 
 
 def train_adapter(
@@ -165,18 +247,27 @@ def train_adapter(
     progress: bool = True,
     say: Callable[[str], None] | None = None,
     key: str | None = None,
+    max_length: int | None = None,
+    dora: bool = False,
 ) -> Version | None:
-    """Train TASK/ADAPTER on an ImageFolder directory over a registered backbone and register it, with
-    its metrics; ``from_ref`` starts from an existing version (``transferred_from`` another task,
-    ``finetuned_from`` the same task), refused if it was made for another backbone. ``full`` also
-    fine-tunes the whole network on the same data as a baseline and logs its accuracy on the version.
+    """Train TASK/ADAPTER on data over a registered backbone and register it, with its metrics; ``from_ref``
+    starts from an existing version (``transferred_from`` another task, ``finetuned_from`` the same task),
+    refused if it was made for another backbone. ``full`` also fine-tunes the whole network on the same data
+    as a baseline and logs its accuracy on the version.
+
+    The backbone decides the data: an ImageFolder directory for an image backbone; for a Transformers
+    backbone a .csv/.jsonl file of ``text,label`` rows (or a folder of train/val/test files), tokenised with
+    the backbone's recorded tokenizer, truncated at ``max_length`` (default 128, at most the model's
+    positions). A text version records its class names and max_length in its metadata. ``dora`` trains a DoRA
+    adapter (a magnitude per output channel, see LoRAConfig.use_dora); with ``from_ref`` the new version keeps
+    its parent's kind.
 
     Under torchrun every process trains its share of each batch; only rank 0 registers (the others
     return None). An interrupted run (Ctrl-C) raises TrainingInterrupted before anything is written."""
     import torch
     from torch import nn
 
-    from . import backbones, data, distributed, training
+    from . import backbones, data, distributed, hf, text, training
     from .lora import LoRAConfig
 
     # every name, ref, number and path is checked before the data is read or a step is taken
@@ -186,21 +277,42 @@ def train_adapter(
     epochs = checks.whole("epochs", epochs, low=1)
     lr = checks.number("lr", lr, above=0)
     seed = checks.seed(seed)
+    if max_length is not None:
+        max_length = checks.whole("max-length", max_length, low=1)
     if key is not None:
         check_key(key)
-    checks.directory(data_dir)
+    if dora and from_ref is not None:
+        raise ConfigError("--dora makes a new adapter; --from continues REF's own kind (LoRA or DoRA)")
+    if not Path(data_dir).exists():  # before any registry lookup
+        raise ConfigError(f"data {data_dir} does not exist")
     task_record = hub.task(task)
     record = hub.backbone(backbone)
+    is_text = _takes_text(record, data_dir, max_length)
     parent = hub.resolve(from_ref) if from_ref is not None else None
     if parent is not None and parent.fingerprint != record.fingerprint:
         raise ConfigError(f"--from {parent.ref} was made for backbone {parent.backbone!r}, not {backbone!r}")
-    entry = backbones.CATALOGUE.get((record.source or {}).get("architecture", ""))
-    head_path = entry.head if entry else None
-    if head_path is None:
-        raise ConfigError(f"backbone {backbone!r} is not in the catalogue: pass --targets and use the Python API")
+    if is_text:
+        head_path = hf.HEAD
+        positions = hf.max_positions((record.source or {})["hf"].get("config") or {})
+        if max_length is not None and positions is not None and max_length > positions:
+            raise ConfigError(f"--max-length {max_length} is more than backbone {backbone!r}'s {positions} positions")
+        max_length = max_length or min(text.DEFAULT_MAX_LENGTH, positions or text.DEFAULT_MAX_LENGTH)
+        if parent is None and not targets:
+            targets = hf.default_targets(str((record.source or {})["hf"].get("model_type")))
+    else:
+        entry = backbones.CATALOGUE.get((record.source or {}).get("architecture", ""))
+        if entry is None:
+            raise ConfigError(f"backbone {backbone!r} is not in the catalogue: pass --targets and use the Python API")
+        head_path = entry.head
+        targets = list(targets or entry.targets)
     distributed.setup()
     num_classes = (task_record.output or {}).get("num_classes")
-    dataset = data.load_imagefolder(data_dir, num_classes=num_classes)
+    dataset: Any
+    if is_text:
+        tokens = text.Tokenization(tokenizer_for(hub, record.name), max_length)
+        dataset = text.load_text(data_dir, tokens, num_classes=num_classes)
+    else:
+        dataset = data.load_imagefolder(data_dir, num_classes=num_classes)
     model = model_for(hub, record.name)
     head = model.backbone.get_submodule(head_path)
     torch.manual_seed(seed)  # the new head and LoRA factors: the same seed gives the same version
@@ -215,15 +327,19 @@ def train_adapter(
         model.activate("adapter")
         metrics["transfer/start_accuracy"] = training.evaluate(model, dataset.val)  # before any step here
     else:
-        config = LoRAConfig(r=rank, alpha=alpha, targets=list(targets or entry.targets), heads=[head_path])
+        config = LoRAConfig(r=rank, alpha=alpha, targets=list(targets), heads=[head_path], use_dora=dora)
         model.add_adapter("adapter", config, head_modules={head_path: new_head})
+    if is_text:
+        adapter = model.adapters["adapter"]
+        adapter.metadata = {**adapter.metadata, "text": {"classes": dataset.classes, "max_length": max_length}}
     model.activate("adapter")
     with training.interruptible():  # Ctrl-C anywhere before register leaves the registry as it was
         if say is not None and distributed.is_main():  # inside: a Ctrl-C right after the message is covered
             _, size = distributed.world()
             where = f" in {size} processes" if size > 1 else ""
-            say(f"training {output} on {len(dataset.train)} images ({model.num_trainable_parameters('adapter'):,} "
-                f"trainable parameters){where}; Ctrl-C stops without registering")  # fmt: skip
+            say(f"training {output} on {len(dataset.train)} {'texts' if is_text else 'images'} "
+                f"({model.num_trainable_parameters('adapter'):,} trainable parameters){where}; Ctrl-C stops "
+                "without registering")  # fmt: skip
         fit = training.fit(model, dataset.train, dataset.val, epochs=epochs, lr=lr, seed=seed, progress=progress,
                            description=output)  # fmt: skip
         metrics.update({"val/accuracy": fit.best_accuracy, "test/accuracy": training.evaluate(model, dataset.test),
@@ -245,18 +361,29 @@ def train_adapter(
 
 
 def evaluate_ref(hub: Hub, ref: str, data_dir: str, *, split: str = "test") -> tuple[Version, float]:
-    """Accuracy of a registered version on an ImageFolder directory's split, logged as a metric."""
-    from . import data, training
+    """Accuracy of a registered version on a split of its kind of data (see :func:`train_adapter`), logged as
+    the metric ``SPLIT/accuracy``. ``split`` is train, val, test (as training split the data) or all. A text
+    version reads labels as the class names (or indices) it was trained with."""
+    from . import data, text, training
 
     version = hub.resolve(ref)
-    if split not in ("train", "val", "test"):
-        raise ConfigError(f"split must be train, val or test, got {split!r}")
-    checks.directory(data_dir)
+    if split not in ("train", "val", "test", "all"):
+        raise ConfigError(f"split must be train, val, test or all, got {split!r}")
+    record = hub.backbone(version.backbone)
+    is_text = _takes_text(record, data_dir, None)
     model = model_for(hub, version)
     hub.load_into(model, version.ref, name="adapter")
-    task = hub.task(version.task)
-    dataset = data.load_imagefolder(data_dir, num_classes=(task.output or {}).get("num_classes"))
+    dataset: Any
+    if is_text:
+        classes, max_length, width = text_settings(model, "adapter")
+        tokens = text.Tokenization(tokenizer_for(hub, record.name), max_length)
+        need = () if split == "all" else (split,)
+        dataset = text.load_text(data_dir, tokens, classes=classes, num_classes=None if classes else width,
+                                 min_classes=1, need=need)  # fmt: skip
+    else:
+        task = hub.task(version.task)
+        dataset = data.load_imagefolder(data_dir, num_classes=(task.output or {}).get("num_classes"))
     model.activate("adapter")
-    accuracy = training.evaluate(model, getattr(dataset, split))
+    accuracy = training.evaluate(model, dataset.split(split))
     hub.log_metric(version.ref, f"{split}/accuracy", accuracy)
     return version, accuracy

@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from torch import nn
 
 from . import distributed
 from .adapter import module_key
+from .compose.routing import map_tensors
 from .data import Split
 from .errors import AdapterHubError
 
@@ -38,14 +39,67 @@ class FitResult:
         return next((step for step, acc in self.history if acc >= accuracy), None)
 
 
+class Batches(Protocol):
+    """What fit and evaluate read: a sized collection of labelled samples that yields (inputs, labels) batches
+    (``data.Split`` for images, ``text.TextSplit`` for texts)."""
+
+    def __len__(self) -> int: ...
+
+    def batches(
+        self, size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterable[tuple[Any, torch.Tensor]]: ...
+
+
+def call(model: nn.Module, inputs: Any, **kwargs: Any) -> Any:
+    """Run ``model`` on a batch's inputs of any structure: a mapping (a dict, a Hugging Face ``BatchEncoding``)
+    is passed as keywords, a tuple or list as positional arguments, anything else (a tensor) as the one
+    argument. ``kwargs`` (``route=``) are passed along."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs, **kwargs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs, **kwargs)
+    return model(inputs, **kwargs)
+
+
+def batch_rows(batch: Any) -> int:
+    """The number of samples in a batch of any structure: the first dimension its tensors share. A tensor
+    without that first dimension cannot be split into samples (for data-parallel training), so it is refused."""
+    sizes: list[int] = []
+
+    def note(t: torch.Tensor) -> torch.Tensor:
+        sizes.append(t.shape[0] if t.dim() else -1)
+        return t
+
+    map_tensors(batch, note)
+    if not sizes:
+        raise AdapterHubError("a batch holds no tensors")
+    if len(set(sizes)) > 1 or sizes[0] < 0:
+        raise AdapterHubError(f"every tensor of a batch needs the samples as its first dimension; got first "
+                              f"dimensions {sorted(set(sizes))}")  # fmt: skip
+    return sizes[0]
+
+
+def take_rows(batch: Any, rows: slice) -> Any:
+    """The same structure with every tensor cut to ``rows`` (its first dimension)."""
+    return map_tensors(batch, lambda t: t[rows])
+
+
+def loss_sum(model: nn.Module, batch: tuple[Any, torch.Tensor]) -> torch.Tensor:
+    """Σ over the batch's samples of the cross-entropy of ``model(inputs)`` against the labels; the inputs are
+    passed as :func:`call` says."""
+    inputs, y = batch
+    return F.cross_entropy(call(model, inputs), y, reduction="sum")
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, *, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` on ``split`` (eval mode, restored afterwards)."""
+def evaluate(model: nn.Module, split: Batches, *, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` on ``split`` (eval mode, restored afterwards); the inputs of a batch may
+    have any structure :func:`call` takes."""
     was_training = model.training
     model.eval()
     correct = 0
-    for x, y in split.batches(batch_size):
-        correct += int((model(x).argmax(-1) == y).sum())
+    for inputs, y in split.batches(batch_size):
+        correct += int((call(model, inputs).argmax(-1) == y).sum())
     model.train(was_training)
     return correct / max(1, len(split))
 
@@ -60,15 +114,16 @@ def interruptible() -> Iterator[None]:
         raise TrainingInterrupted("training interrupted; nothing was registered") from None
 
 
-# A batch is a tuple of tensors sharing the first dimension; its loss function returns the *sum* of the
-# per-sample losses of the rows it is given (see distributed.py for why a sum over the global size).
-Batch = tuple[torch.Tensor, ...]
+# A batch is a tuple whose tensors, at any depth (an inputs dict, a BatchEncoding), share the first dimension:
+# the samples. Its loss function returns the *sum* of the per-sample losses of the rows it is given (see
+# distributed.py for why a sum over the global size).
+Batch = tuple[Any, ...]
 
 
 def fit(
     model: nn.Module,
-    train: Split,
-    val: Split,
+    train: Batches,
+    val: Batches,
     *,
     epochs: int = 5,
     lr: float = 3e-3,
@@ -82,14 +137,13 @@ def fit(
     """Train every parameter of ``model`` that requires grad (for an AdapterModel: the active adapter's
     deltas and heads) with AdamW and a cosine schedule; evaluate on ``val`` every ``eval_every`` steps
     (default: each epoch) and keep the best state. Deterministic on CPU for a given seed. Under torchrun
-    the global batches are split across the processes (see ``adapter_hub.distributed``)."""
+    the global batches are split across the processes (see ``adapter_hub.distributed``).
 
-    def loss(batch: Batch) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(model(x), y, reduction="sum")
-
+    ``train`` and ``val`` yield (inputs, labels) batches; the inputs may be a tensor, a tuple of tensors or a
+    mapping of tensors (a tokenizer's output: ``model(**inputs)``), see :func:`call`."""
     return _train_loop(
-        model, lambda g: train.batches(batch_size, shuffle=True, generator=g), loss, lambda: evaluate(model, val),
+        model, lambda g: train.batches(batch_size, shuffle=True, generator=g), lambda b: loss_sum(model, b),
+        lambda: evaluate(model, val),
         steps_per_epoch=math.ceil(len(train) / batch_size), epochs=epochs, lr=lr, weight_decay=weight_decay,
         seed=seed, eval_every=eval_every, progress=progress, description=description,
     )  # fmt: skip
@@ -150,12 +204,12 @@ def _train(
         for _ in range(epochs):
             model.train()
             for batch in batches(generator):
-                n = len(batch[0])
+                n = batch_rows(batch)
                 rows = distributed.shard(n)
                 optimizer.zero_grad(set_to_none=True)
                 loss = None
                 if rows.stop > rows.start:
-                    loss = loss_sum(tuple(t[rows] for t in batch)) / n
+                    loss = loss_sum(take_rows(batch, rows)) / n
                     loss.backward()
                 distributed.all_reduce_gradients(params)
                 optimizer.step()
@@ -200,13 +254,13 @@ class _NoBar:
 
 # --- several tasks at once: a Switch over their adapters, mixed batches ---------------------------------
 @torch.no_grad()
-def evaluate_routed(model: Any, name: str, split: Split, *, batch_size: int = 256) -> float:
+def evaluate_routed(model: Any, name: str, split: Batches, *, batch_size: int = 256) -> float:
     """Top-1 accuracy of adapter ``name`` on ``split`` through the active Switch (its own head)."""
     was_training = model.training
     model.eval()
     correct = 0
-    for x, y in split.batches(batch_size):
-        out = model(x, route=[name] * len(y)).by_adapter[name]
+    for inputs, y in split.batches(batch_size):
+        out = call(model, inputs, route=[name] * len(y)).by_adapter[name]
         correct += int((out.argmax(-1) == y).sum())
     model.train(was_training)
     return correct / max(1, len(split))

@@ -19,6 +19,10 @@ def backbone() -> None:
 @click.argument("name")
 @click.argument("architecture", required=False)
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="A .safetensors state dict.")
+@click.option("--hf", "hf_dir", type=click.Path(path_type=Path),
+              help="A local Transformers model directory (save_pretrained's model and tokenizer).")  # fmt: skip
+@click.option("--pooling", type=click.Choice(["mean", "last"]),
+              help="With --hf: mean over the tokens, or the last token (default: last for decoder-only).")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation.")
 @click.option("--num-classes", type=int, help="Output size of the architecture's classifier.")
 @click.option("--fingerprint", "fingerprint_hex", help="Record a fingerprint only (no way to rebuild it).")
@@ -30,16 +34,28 @@ def backbone_add(
     name: str,
     architecture: str | None,
     weights: str | None,
+    hf_dir: Path | None,
+    pooling: str | None,
     seed: int,
     num_classes: int | None,
     fingerprint_hex: str | None,
     description: str | None,
 ) -> None:
-    """Register backbone NAME built from ARCHITECTURE (a torchvision name or module:callable)."""
+    """Register backbone NAME built from ARCHITECTURE (a torchvision name or module:callable), or from a
+    Transformers model directory with --hf DIR (its tokenizer is stored with the record)."""
     from ..registry.errors import RegistryError
 
+    if hf_dir is not None and (architecture or weights or fingerprint_hex):
+        raise RegistryError("--hf DIR takes no ARCHITECTURE, --weights or --fingerprint: the directory holds them")
+    if pooling is not None and hf_dir is None:
+        raise RegistryError("--pooling is for a Transformers backbone (--hf DIR)")
     hub = state.hub()
-    if fingerprint_hex is not None:
+    if hf_dir is not None:
+        from ..pipelines import add_transformers_backbone
+
+        record = add_transformers_backbone(hub, name, hf_dir, num_classes=2 if num_classes is None else num_classes,
+                                           seed=seed, pooling=pooling, description=description)  # fmt: skip
+    elif fingerprint_hex is not None:
         record = hub.add_backbone(name, fingerprint_hex, architecture=architecture, description=description)
     else:
         if architecture is None:
@@ -71,7 +87,7 @@ def backbone_ls(state: State) -> None:
         return
     table = Table("name", "architecture", "fingerprint", "weights", "added", title="backbones")
     for r in records:
-        weights = (r.source or {}).get("weights") or "-"
+        weights = (r.source or {}).get("weights") or ((r.source or {}).get("hf") or {}).get("path") or "-"
         architecture = cell(r.architecture or "-")
         table.add_row(cell(r.name), architecture, short(r.fingerprint), cell(weights), when(r.created_at))
     console().print(table)

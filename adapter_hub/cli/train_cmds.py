@@ -1,4 +1,5 @@
-"""adapter-hub train / eval: fit an adapter on an ImageFolder directory and register it; evaluate a version."""
+"""adapter-hub train / eval: fit an adapter on an ImageFolder directory (or text data for a Transformers
+backbone) and register it; evaluate a version."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from ._app import State, emit_json, key_option, pass_state
 @click.command()
 @click.argument("output", metavar="TASK/ADAPTER")
 @click.option("--backbone", required=True, help="A registered backbone (adapter-hub backbone add).")
-@click.option("--data", "data_dir", required=True, type=click.Path(), help="ImageFolder directory.")
+@click.option("--data", "data_dir", required=True, type=click.Path(),
+              help="ImageFolder directory; for a Transformers backbone a .csv/.jsonl file (text,label).")  # fmt: skip
 @click.option("--from", "from_ref", help="Start from this version (transfer or continued fine-tuning).")
 @click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank, at least 1.")
 @click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA scale alpha/rank; above 0.")
@@ -19,10 +21,13 @@ from ._app import State, emit_json, key_option, pass_state
 @click.option("--lr", type=float, default=5e-3, show_default=True, help="Learning rate, above 0.")
 @click.option("--seed", type=int, default=0, show_default=True, help="0 to 2**63-1.")
 @click.option("--full", is_flag=True, help="Also fine-tune the whole network as a baseline; its accuracy is logged.")
+@click.option("--max-length", type=int, help="Text: tokens per text, truncated beyond (default 128).")
+@click.option("--dora", is_flag=True, help="Train a DoRA adapter (a magnitude per output channel; PEFT's use_dora).")
 @key_option
 @pass_state
 def train(state: State, output: str, backbone: str, data_dir: str, from_ref: str | None, rank: int, alpha: float,
-          targets: str | None, epochs: int, lr: float, seed: int, full: bool, key: str | None) -> None:  # fmt: skip
+          targets: str | None, epochs: int, lr: float, seed: int, full: bool, max_length: int | None, dora: bool,
+          key: str | None) -> None:  # fmt: skip
     """Train a LoRA adapter for TASK on DATA over BACKBONE and register it as a new version.
 
     Under `torchrun --nproc_per_node N` the batches are split across N processes; only rank 0 registers."""
@@ -31,7 +36,8 @@ def train(state: State, output: str, backbone: str, data_dir: str, from_ref: str
     version = train_adapter(
         state.hub(), output, backbone=backbone, data_dir=data_dir, from_ref=from_ref, rank=rank, alpha=alpha,
         targets=targets.split(",") if targets else None, epochs=epochs, lr=lr, seed=seed, full=full,
-        progress=not state.json, say=lambda line: click.echo(line, err=True), key=key,
+        progress=not state.json, say=lambda line: click.echo(line, err=True), key=key, max_length=max_length,
+        dora=dora,
     )  # fmt: skip
     if version is None:  # another process of a distributed run registered it
         return
@@ -47,8 +53,10 @@ def train(state: State, output: str, backbone: str, data_dir: str, from_ref: str
 
 @click.command("eval")
 @click.argument("ref")
-@click.option("--data", "data_dir", required=True, type=click.Path(), help="ImageFolder directory.")
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--data", "data_dir", required=True, type=click.Path(),
+              help="ImageFolder directory, or a text file for a Transformers backbone.")  # fmt: skip
+@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True,
+              help="The split as training made it, or all of the data.")  # fmt: skip
 @pass_state
 def eval_(state: State, ref: str, data_dir: str, split: str) -> None:
     """Accuracy of REF on DATA's split, logged as a metric of the version."""

@@ -4,7 +4,7 @@ Every method works on each adapter's full delta (never on A and B separately, wh
 carry cross terms BᵢAⱼ). Exact methods (linear, cat) concatenate the factors; svd truncates the exact
 sum from its factors; the dense methods (ties, dare_*, magnitude_prune) build the combined ΔW per layer
 and factorise it back to rank k. A grouped conv is combined group block by group block, so the result
-stays mergeable.
+stays mergeable. A DoRA adapter is refused: its layers are not additive deltas (see ``LoRALayer``).
 
 ``combine`` takes the source adapters and returns an ``AdapterRecord``; ``AdapterModel.combine`` adds it
 like any other record, so this module needs no model. The per-layer maths is in ``compose.methods``; the
@@ -57,6 +57,13 @@ def combine(
     if rank is not None and (isinstance(rank, bool) or int(rank) < 1):
         raise ConfigError(f"rank must be a positive integer, got {rank}")
     adapters = [a for _, a in sources]
+    for name, adapter in sources:
+        dora = next((p for p, layer in adapter.layer_items() if layer.use_dora), None)
+        if dora is not None:
+            raise CombineError(
+                f"cannot combine {name!r}: it is a DoRA adapter (at {dora}), whose output m·(W + ΔW)⋆x/‖W + ΔW‖ "
+                "is normalised by its own ΔW, so it has no delta that sums with others; combine works on Σ wᵢ·ΔWᵢ"
+            )
     generator = torch.Generator().manual_seed(seed)
 
     layer_maps = [dict(a.layer_items()) for a in adapters]

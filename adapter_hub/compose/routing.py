@@ -94,23 +94,25 @@ class RoutedOutput:
         return iter(out)  # type: ignore[arg-type]
 
 
-def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+def map_tensors(
+    obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], leaf: Callable[[Any], Any] | None = None
+) -> Any:
     """``obj`` with ``fn`` applied to every tensor inside it, keeping each container's type: tuples (named ones
     too), lists, dicts and other mappings (``UserDict`` such as ``BatchEncoding``, dataclass mappings such as
-    ``ModelOutput``). Anything else is returned as it is."""
+    ``ModelOutput``). Anything else is returned as it is, or as ``leaf`` returns it."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, tuple):
-        items = [map_tensors(v, fn) for v in obj]
+        items = [map_tensors(v, fn, leaf) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     if isinstance(obj, list):
-        return [map_tensors(v, fn) for v in obj]
+        return [map_tensors(v, fn, leaf) for v in obj]
     if isinstance(obj, UserDict):
         new = copy.copy(obj)
-        new.data = {k: map_tensors(v, fn) for k, v in obj.data.items()}
+        new.data = {k: map_tensors(v, fn, leaf) for k, v in obj.data.items()}
         return new
     if isinstance(obj, Mapping):
-        mapped = {k: map_tensors(v, fn) for k, v in obj.items()}
+        mapped = {k: map_tensors(v, fn, leaf) for k, v in obj.items()}
         if dataclasses.is_dataclass(obj):  # ModelOutput: a dataclass that is also an ordered dict
             return type(obj)(**mapped)
         if type(obj) is dict:
@@ -119,14 +121,34 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
             return type(obj)(mapped)
         except TypeError:
             return mapped
-    return obj
+    return leaf(obj) if leaf is not None else obj
+
+
+def is_cache(obj: Any) -> bool:
+    """A key/value cache (Hugging Face's ``Cache`` classes): per-sample tensors inside an object that reorders
+    its own rows (``reorder_cache``, what beam search uses)."""
+    return not isinstance(obj, torch.Tensor) and callable(getattr(obj, "reorder_cache", None))
+
+
+def inverse_of(perm: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(len(perm), device=perm.device)
+    return inverse
 
 
 def route_inputs(
-    args: tuple, kwargs: dict[str, Any], perm: torch.Tensor, batch: int, unrouted: Collection[str] = ()
+    args: tuple,
+    kwargs: dict[str, Any],
+    perm: torch.Tensor,
+    batch: int,
+    unrouted: Collection[str] = (),
+    caches: list[Any] | None = None,
 ) -> tuple[tuple, dict[str, Any]]:
     """The arguments with every per-sample tensor (first dimension ``batch``) taken in ``perm`` order; keyword
-    arguments named in ``unrouted`` pass unchanged. At least one tensor must have the batch's rows."""
+    arguments named in ``unrouted`` pass unchanged. At least one tensor must have the batch's rows.
+
+    A key/value cache (:func:`is_cache`) is reordered in place, since the model appends to that very object;
+    each one is added to ``caches`` so that the caller puts it back in input order after the forward."""
     unknown = sorted(set(unrouted) - set(kwargs))
     if unknown:
         raise ConfigError(f"unrouted names {unknown}, which are not keyword arguments of this call")
@@ -138,8 +160,15 @@ def route_inputs(
             return t
         return t.index_select(0, perm.to(t.device))
 
-    routed_args = map_tensors(args, take)
-    routed_kwargs = {k: (v if k in unrouted else map_tensors(v, take)) for k, v in kwargs.items()}
+    def reorder(obj: Any) -> Any:
+        if is_cache(obj) and all(c is not obj for c in found):
+            obj.reorder_cache(perm.to(_device_of(obj, perm)))
+            found.append(obj)
+        return obj
+
+    found: list[Any] = caches if caches is not None else []
+    routed_args = map_tensors(args, take, reorder)
+    routed_kwargs = {k: (v if k in unrouted else map_tensors(v, take, reorder)) for k, v in kwargs.items()}
     if batch not in seen:
         first = next((n for n in seen if n), None)
         size = f"a batch of {first} samples" if first is not None else "inputs that hold no tensor"
@@ -147,15 +176,36 @@ def route_inputs(
     return routed_args, routed_kwargs
 
 
-def restore_order(obj: Any, perm: torch.Tensor, batch: int) -> Any:
+def restore_order(obj: Any, perm: torch.Tensor, batch: int, done: Sequence[Any] = ()) -> Any:
     """``obj`` (a backbone's output of any structure, computed on the sorted batch) with every tensor whose
-    first dimension is ``batch`` put back in input order."""
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(len(perm), device=perm.device)
+    first dimension is ``batch`` put back in input order, and every key/value cache in it reordered in place
+    (except those in ``done``: the input caches, which the caller puts back itself)."""
+    inverse = inverse_of(perm)
 
     def back(t: torch.Tensor) -> torch.Tensor:
         if t.dim() == 0 or t.shape[0] != batch:
             return t
         return t.index_select(0, inverse.to(t.device))
 
-    return map_tensors(obj, back)
+    def reorder(other: Any) -> Any:
+        if is_cache(other) and all(c is not other for c in done):
+            other.reorder_cache(inverse.to(_device_of(other, inverse)))
+        return other
+
+    return map_tensors(obj, back, reorder)
+
+
+def put_back(caches: Sequence[Any], perm: torch.Tensor) -> None:
+    """Reorder the key/value caches that :func:`route_inputs` took in ``perm`` order back to input order."""
+    inverse = inverse_of(perm)
+    for cache in caches:
+        cache.reorder_cache(inverse.to(_device_of(cache, inverse)))
+
+
+def _device_of(cache: Any, default: torch.Tensor) -> torch.device:
+    """Where a cache keeps its tensors (the first layer's keys), for the index it is reordered by."""
+    for layer in getattr(cache, "layers", ()) or ():
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor):
+            return keys.device
+    return default.device

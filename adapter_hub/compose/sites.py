@@ -9,6 +9,10 @@ by adapter once per forward, before the backbone runs (``routing.Plan``), so eve
 rows as one contiguous slice: no index lists are rebuilt and no rows are gathered or scattered inside the
 network. A ``LayerSite`` also merges: it folds the weighted deltas into the backbone weights and restores
 them bit for bit. The maths of each delta lives in ``adapter_hub.lora``; this module only schedules it.
+
+A DoRA layer (``LoRALayer.use_dora``) is not an additive delta (its output is normalised by the norm of its
+own W + ΔW), so a site holding one runs the plain non-fused path, and refuses to sum it with another delta
+or to weight it (``LayerSite.dora_blocker``); alone and per-sample routed it is exact.
 """
 
 from __future__ import annotations
@@ -137,16 +141,19 @@ class LayerSite(_Site):
         self.layers: dict[str, LoRALayer] = {}
         self._saved: dict[str, torch.Tensor] = {}
         self._cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
+        self._dora = False  # some adapter here is DoRA: while one is active, the non-fused ``_dora_forward`` runs
 
     def add(self, name: str, layer: LoRALayer) -> None:
         if not self.layers:
             self.attach()
         self.layers[name] = layer
         self._cache.clear()
+        self._dora = any(layer.use_dora for layer in self.layers.values())
 
     def remove(self, name: str) -> None:
         self.layers.pop(name, None)
         self._cache.clear()  # a later tensor may reuse a freed one's id
+        self._dora = any(layer.use_dora for layer in self.layers.values())
         if not self.layers:
             self.detach()
 
@@ -179,7 +186,7 @@ class LayerSite(_Site):
                 out = out.add_(d) if w == 1.0 else out.add_(d, alpha=w)
         if r.segments is not None:
             if x.shape[0] != r.batch_size:
-                raise RuntimeError(
+                raise ConfigError(
                     f"per-sample routing needs every adapted layer to keep the batch as dimension 0; "
                     f"{self.path} got {x.shape[0]} rows for a batch of {r.batch_size}"
                 )
@@ -192,12 +199,76 @@ class LayerSite(_Site):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active():
             return self.base_forward(x)
+        if self._dora and self._dora_active():
+            return self._dora_forward(x)
         m = self.module
         if isinstance(m, nn.Linear) and self._fusable():
             return self.project(x, m.weight, m.bias, F.linear, linear_part, "weight")
         if isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1 and x.dim() == m.weight.dim() and self._fusable():
             return self.project(x, m.weight, m.bias, m._conv_forward, linear_part, "weight")
         return self.add_deltas(self.base_forward(x), x, _call_layer)
+
+    # --- DoRA ----------------------------------------------------------------------------------
+    def dora_blocker(self, weighted: Iterable[tuple[str, float]]) -> str | None:
+        """Why ``weighted`` cannot run (or merge) here, or None: a DoRA delta must be the only one at its
+        layer, with weight 1. Its output m·(W + ΔW)⋆x/‖W + ΔW‖ is normalised by its own ΔW, so it is not a
+        delta that adds to another adapter's or scales by a weight."""
+        present = [(n, w) for n, w in weighted if n in self.layers]
+        dora = [n for n, _ in present if self.layers[n].use_dora]
+        if not dora or (len(present) == 1 and present[0][1] == 1.0):
+            return None
+        if len(present) == 1:
+            what = f"with weight {present[0][1]:g}"
+        else:
+            what = "together with " + ", ".join(repr(n) for n, _ in present if n != dora[0])
+        return (
+            f"adapter {dora[0]!r} is DoRA at {self.path} {what}: a DoRA layer computes m·(W + ΔW)⋆x/‖W + ΔW‖ "
+            "with its own ΔW in the norm, which does not sum with other deltas or scale by a weight; run a DoRA "
+            "adapter alone or in a Switch"
+        )
+
+    def _dora_active(self) -> bool:
+        r = self.routing.now()
+        names = [n for n, _ in r.weighted] + ([n for n, _, _ in r.segments] if r.segments else [])
+        return any(layer.use_dora for n in names if n is not None and (layer := self.layers.get(n)) is not None)
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base output plus each active delta, where a DoRA layer adds k·(W + ΔW)⋆x − W⋆x
+        (``LoRALayer.dora_delta``, k = m/‖W + ΔW‖) on its rows, and a plain layer its s·B·A⋆x."""
+        r = self.routing.now()
+        m = self.module
+        weight, bias = m.weight, getattr(m, "bias", None)
+        out = self.base_forward(x)
+        if bias is None:
+            plain, out = out, out.clone()  # autograd keeps ``plain`` for m's gradient: sum into a copy
+        else:
+            if isinstance(m, nn.modules.conv._ConvNd):
+                bias = bias.view(-1, *([1] * (weight.dim() - 2)))
+            plain = out - bias
+
+        def delta(layer: LoRALayer, w: float, rows: slice) -> torch.Tensor:
+            if layer.use_dora:
+                return layer.dora_delta(x[rows], weight, plain[rows])
+            d = layer(x[rows])
+            return d if w == 1.0 else d * w
+
+        if r.weighted:
+            if (why := self.dora_blocker(r.weighted)) is not None:
+                raise ConfigError(f"cannot run this Stack: {why}")
+            for name, w in r.weighted:
+                if (layer := self.layers.get(name)) is not None:
+                    out = out + delta(layer, w, slice(None))
+        if r.segments is not None:
+            if x.shape[0] != r.batch_size:
+                raise ConfigError(
+                    f"per-sample routing needs every adapted layer to keep the batch as dimension 0; "
+                    f"{self.path} got {x.shape[0]} rows for a batch of {r.batch_size}"
+                )
+            for name, start, end in r.segments:
+                layer = self.layers.get(name) if name is not None else None
+                if layer is not None:
+                    out[start:end] += delta(layer, 1.0, slice(start, end))
+        return out
 
     # --- fast path -----------------------------------------------------------------------------
     def _fusable(self) -> bool:
@@ -232,7 +303,7 @@ class LayerSite(_Site):
             active = [(part(self.layers[n]), w) for n, w in r.weighted if n in self.layers]
             return self._fused(x, weight, bias, op, active, slot)
         if x.shape[0] != r.batch_size:
-            raise RuntimeError(
+            raise ConfigError(
                 f"per-sample routing needs every adapted layer to keep the batch as dimension 0; "
                 f"{self.path} got {x.shape[0]} rows for a batch of {r.batch_size}"
             )
@@ -304,19 +375,25 @@ class LayerSite(_Site):
 
     # --- merge ---------------------------------------------------------------------------------
     def merge_blocker(self, weighted: Iterable[tuple[str, float]]) -> str | None:
+        weighted = tuple(weighted)
         for name, _ in weighted:
             layer = self.layers.get(name)
             if layer is not None and (why := layer.merge_blocker()) is not None:
                 return f"adapter {name!r} at {self.path}: {why}"
-        return None
+        return self.dora_blocker(weighted)
 
     @torch.no_grad()
     def merge(self, weighted: Iterable[tuple[str, float]]) -> None:
-        """W ← W + Σ wᵢ·ΔWᵢ in place; the original tensors are kept so unmerge is bit-exact."""
+        """W ← W + Σ wᵢ·ΔWᵢ in place, or for a DoRA adapter (alone here, see ``dora_blocker``)
+        W ← m/‖W + ΔW‖·(W + ΔW) per output channel; the original tensors are kept so unmerge is bit-exact."""
         total: dict[str, torch.Tensor] = {}
+        folded: dict[str, torch.Tensor] = {}
         for name, w in weighted:
             layer = self.layers.get(name)
             if layer is None:
+                continue
+            if layer.use_dora:
+                folded["weight"] = layer.dora_weight(self.module.get_parameter("weight"))
                 continue
             for pname, d in layer.delta_weights().items():
                 total[pname] = total[pname] + w * d if pname in total else w * d
@@ -324,6 +401,10 @@ class LayerSite(_Site):
             p = self.module.get_parameter(pname)
             self._saved.setdefault(pname, p.detach().clone())
             p.add_(d.to(p.dtype))
+        for pname, new in folded.items():
+            p = self.module.get_parameter(pname)
+            self._saved.setdefault(pname, p.detach().clone())
+            p.copy_(new)
 
     @torch.no_grad()
     def unmerge(self) -> None:

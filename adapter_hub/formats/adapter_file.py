@@ -3,7 +3,9 @@
 Tensor keys are ``<module path>.lora_A.weight`` / ``.lora_B.weight`` (PEFT's shapes; an attention
 module's out_proj under ``<path>.out_proj.lora_A.weight``) and each head's state under its module
 path. The header metadata holds the format version, the backbone fingerprint, the config and the exact
-geometry of every layer, so a file rebuilds the same adapter without guessing.
+geometry of every layer, so a file rebuilds the same adapter without guessing. A DoRA adapter adds each
+layer's magnitude under ``<module path>.lora_magnitude_vector`` (one value per output channel), sets
+``use_dora`` in the config and is written as format version 2, which older readers refuse.
 
 This module is a codec between an ``AdapterRecord`` and those bytes (``encode`` / ``decode``, ``save`` /
 ``load`` for files); ``AdapterModel`` turns adapters into records and back.
@@ -24,17 +26,33 @@ from ..errors import AdapterFileError
 from ..lora import LoRAConfig
 from .record import AdapterRecord
 
-FORMAT_VERSION = 1
+# 1: plain LoRA. 2: DoRA (``use_dora`` in the config, a ``<path>.lora_magnitude_vector`` per layer); a reader
+# of version 1 refuses it as newer instead of running it as plain LoRA. Plain LoRA adapters are still
+# written as version 1, byte for byte as before, so older readers keep reading them.
+FORMAT_VERSION = 2
+_PLAIN_VERSION = 1
 _MAX_HEADER = 100 * 1024 * 1024
+
+
+def format_version(record: AdapterRecord) -> int:
+    """The oldest format that holds ``record``: 2 for a DoRA adapter, 1 otherwise."""
+    return FORMAT_VERSION if record.config.use_dora else _PLAIN_VERSION
+
+
+def _config_json(record: AdapterRecord) -> str:
+    config = record.config.to_dict()
+    if not config.get("use_dora"):
+        del config["use_dora"]  # absent means plain LoRA: a plain adapter's bytes stay what version 1 wrote
+    return json.dumps(config, sort_keys=True)
 
 
 def header_metadata(record: AdapterRecord) -> dict[str, str]:
     """The safetensors header metadata of ``record`` (every value a string, as safetensors requires)."""
     return {
         "format": "pt",
-        "adapter_hub.format_version": str(FORMAT_VERSION),
+        "adapter_hub.format_version": str(format_version(record)),
         "adapter_hub.backbone_fingerprint": record.fingerprint,
-        "adapter_hub.config": json.dumps(record.config.to_dict(), sort_keys=True),
+        "adapter_hub.config": _config_json(record),
         "adapter_hub.layers": json.dumps(record.layers, sort_keys=True),
         "adapter_hub.heads": json.dumps(list(record.heads)),
         "adapter_hub.metadata": json.dumps(record.metadata, sort_keys=True),

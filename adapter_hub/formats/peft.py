@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..adapter import module_at
-from ..errors import AdapterFileError
+from ..errors import AdapterFileError, AdapterHubWarning, ConfigError
 from ..lora import (
     LoRAConfig,
     LoRAEmbedding,
@@ -80,6 +80,89 @@ def _grouped_a(full: torch.Tensor, groups: int) -> torch.Tensor | None:
     return torch.cat(blocks, dim=0)
 
 
+def _exact_pattern_key(path: str) -> str:
+    """A ``rank_pattern``/``alpha_pattern`` key that PEFT applies to the module ``path`` alone. PEFT tries a key
+    as ``re.match(rf"(.*\\.)?({key})$", name)``: a bare path also hits every module whose name ends with "." +
+    path ("lin0" hits "block.lin0", "0" hits "1.0"). Behind a prefix the anchor ``^`` cannot match, so the
+    anchored, escaped path hits ``path`` only."""
+    return "^" + re.escape(path)
+
+
+def _exact_targets(paths: list[str]) -> str:
+    """PEFT's ``target_modules`` for exactly ``paths``. A list would also target every module whose name ends
+    with "." + a listed path; a string is one regex that PEFT matches against the full module name."""
+    return "|".join(re.escape(p) for p in sorted(paths))
+
+
+def _check_heads_keep_targets(heads: list[str], targets: list[str]) -> None:
+    """PEFT wraps every module whose name ends with a ``modules_to_save`` entry and never puts LoRA on a module
+    whose name holds one as whole segments (``re.match(rf"(^|.*\\.){m}($|\\..*)", name)``, the entry taken as
+    a regex); a target caught that way would lose its LoRA in PEFT without an error, so such an export is
+    refused."""
+    for head in heads:
+        for target in targets:
+            if target.endswith(head) or re.match(rf"(^|.*\.){head}($|\..*)", target):
+                raise ConfigError(
+                    f"cannot export to PEFT: its modules_to_save entry {head!r} (a head) would also catch the LoRA "
+                    f"target {target!r}, which PEFT would then load without its LoRA"
+                )
+
+
+class PeftCompatibilityWarning(AdapterHubWarning):
+    """An exported adapter that PEFT loads but computes differently from adapter-hub (a known PEFT bug)."""
+
+
+def peft_caveats(record: AdapterRecord) -> list[str]:
+    """One line per way PEFT (≤ 0.21) computes this adapter differently from adapter-hub's dense W + ΔW."""
+    mha = sorted(p for p, s in record.layers.items() if s.get("type") == LoRAMultiheadAttention.__name__)
+    if not mha:
+        return []
+    more = f" (and {len(mha) - 1} more)" if len(mha) > 1 else ""
+    return [
+        f"PEFT <= 0.21 adds the out_proj delta of an nn.MultiheadAttention LoRA twice in its forward "
+        f"(huggingface/peft PR #3774), so inside PEFT {mha[0]}{more} gives other outputs than here"
+    ]
+
+
+# DoRA: PEFT saves each layer's magnitude as <path>.lora_magnitude_vector, of shape (out,) for a linear layer
+# (transformers' Conv1D too) and (1, out, 1, …) for a conv (the shape of its conv weight norm); adapter-hub keeps
+# it as (out,). PEFT's DoRA on a grouped conv multiplies B by A over all input channels and reshapes that into
+# the grouped kernel, which is not W + ΔW: such a layer is refused both ways.
+_GROUPED_DORA = (
+    "PEFT's DoRA on a grouped conv reshapes B·A over all input channels into the grouped kernel, so its norm and "
+    "output are not those of W + ΔW"
+)
+
+
+def _peft_magnitude(m: torch.Tensor, b: torch.Tensor, spec: dict[str, Any], path: str) -> torch.Tensor:
+    """A DoRA magnitude (out,) in PEFT's saved shape (``b``, the layer's B, tells a conv by its kernel dims)."""
+    if int(spec.get("a_groups", 1)) > 1:
+        raise ConfigError(f"cannot export the DoRA layer {path} to PEFT: {_GROUPED_DORA}")
+    return m if b.dim() == 2 else m.reshape(1, -1, *[1] * (b.dim() - 2))
+
+
+def _import_magnitude(module: nn.Module, path: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Check the DoRA magnitude of ``path`` and store it as adapter-hub's (out,); refuse where DoRA is not exact."""
+    cls = lora_class_for(module)
+    if cls is None or not cls.supports_dora:
+        raise AdapterFileError(
+            f"{source}: use_dora=True on {path}, a {type(module).__name__}: DoRA imports for Linear, transformers' "
+            "Conv1D and Conv1d/2d/3d layers only"
+        )
+    if getattr(module, "groups", 1) > 1:
+        raise AdapterFileError(f"{source}: use_dora=True on the grouped conv {path} is not imported: {_GROUPED_DORA}")
+    key = f"{path}.lora_magnitude_vector"
+    m = tensors.get(key)
+    if m is None:
+        raise AdapterFileError(f"{source}: missing key {PREFIX}{key} (the config says use_dora=True)")
+    w = module.weight
+    out = w.shape[1] if cls is LoRATransposedLinear else w.shape[0]
+    want = (out,) if w.dim() == 2 else (1, out, *[1] * (w.dim() - 2))
+    if tuple(m.shape) != want:
+        raise AdapterFileError(f"{source}: key {PREFIX}{key} has shape {tuple(m.shape)}, expected {want}")
+    tensors[key] = m.reshape(out)
+
+
 def export_peft(
     record: AdapterRecord,
     directory: str | os.PathLike,
@@ -108,14 +191,22 @@ def export_peft(
             }
         else:
             pairs = {"lora_A.weight": _full_a(a, spec), "lora_B.weight": b}
+        if cfg.use_dora:
+            pairs["lora_magnitude_vector"] = _peft_magnitude(src[f"{path}.lora_magnitude_vector"], b, spec, path)
         tensors.update({f"{key}.{k}": v for k, v in pairs.items()})
         rank = next(iter(pairs.values())).shape[0]
         scaling = lora_scaling(int(spec["r"]), float(spec["alpha"]), cfg.use_rslora)
         alpha = _peft_alpha(scaling, rank, cfg.use_rslora)
         if rank != cfg.r or not math.isclose(alpha, cfg.alpha, rel_tol=1e-12):
-            rank_pattern[re.escape(path)] = rank
-            alpha_pattern[re.escape(path)] = alpha
+            rank_pattern[_exact_pattern_key(path)] = rank
+            alpha_pattern[_exact_pattern_key(path)] = alpha
+    if not targets:
+        raise ConfigError(
+            "cannot export to PEFT: the adapter has no LoRA layer (heads only), and PEFT loads no adapter without "
+            "one; save it as an adapter file instead"
+        )
     heads = list(record.heads)
+    _check_heads_keep_targets(heads, targets)
     for path in heads:
         prefix = path + "."
         tensors.update({PREFIX + k: t for k, t in src.items() if k.startswith(prefix) and PREFIX + k not in tensors})
@@ -124,7 +215,7 @@ def export_peft(
         "task_type": None,
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
-        "target_modules": sorted(targets),
+        "target_modules": _exact_targets(targets),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_rslora": cfg.use_rslora,
@@ -136,7 +227,7 @@ def export_peft(
         "fan_in_fan_out": any(spec.get("type") == LoRATransposedLinear.__name__ for spec in record.layers.values()),
         "init_lora_weights": True,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": cfg.use_dora,
         "base_model_name_or_path": base_model_name_or_path,
     }
     out = Path(directory)
@@ -146,12 +237,91 @@ def export_peft(
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """PEFT's rule: a pattern key matches a module whose name ends with it (as a regex)."""
+def _pattern_value(patterns: dict[str, Any], path: str, default: Any, source: str) -> Any:
+    """PEFT's rule (``get_pattern_key``), in the file's key order: the first key ``k`` for which
+    ``re.match(rf"(.*\\.)?({k})$", path)`` holds gives the value, i.e. a regex that matches the end of the
+    name after a dot or the whole name (``^``-anchored keys: the whole name only); else the entry named
+    exactly ``path``, else ``default``."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", path)
+        except re.error as exc:
+            raise AdapterFileError(f"{source}: pattern key {key!r} is not a valid regex ({exc})") from None
+        if hit:
             return value
-    return default
+    return patterns.get(path, default)
+
+
+# Every field of PEFT's LoraConfig (peft 0.21) is in exactly one of the three tables below.
+# Read exactly, or without effect on what the saved tensors compute. The tensors' keys name the adapted modules,
+# so target_modules, exclude_modules, layers_to_transform and layers_pattern are honoured by construction; PEFT
+# sets fan_in_fan_out per layer type whatever the file says (False for nn.Linear, True for transformers' Conv1D),
+# as the import does; lora_dropout and velora_config act in training only (VeLoRA approximates A's gradient;
+# its forward is plain LoRA); the *_config fields of eva/corda/lora_ga/loftq only feed the initialisation
+# named by init_lora_weights, judged there; use_dora is read layer by layer (_import_magnitude).
+HARMLESS_FIELDS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
+    "exclude_modules", "layers_to_transform", "layers_pattern", "lora_dropout", "fan_in_fan_out",
+    "modules_to_save", "megatron_core", "eva_config", "corda_config", "lora_ga_config", "loftq_config",
+    "velora_config", "qalora_group_size", "runtime_config", "use_dora",
+})  # fmt: skip
+# Refused whenever set (not None/False/empty): what the field does that adapter-hub does not compute.
+REFUSED_FIELDS = {
+    "lora_bias": "lora_B carries a bias (ΔW·x + b)",
+    "target_parameters": "LoRA on raw parameters (PEFT's ParamWrapper) is read in another layout than a module's",
+    "alora_invocation_tokens": "Activated LoRA applies the delta only from the invocation tokens on",
+    "layer_replication": "PEFT repeats backbone layers to build a deeper model",
+    "trainable_token_indices": "PEFT also trains single embedding rows (trainable tokens)",
+    "megatron_config": "Megatron tensor-parallel layers",
+    "use_qalora": "QALoRA pools A's input in groups",
+    "monteclora_config": "MonteCLoRA samples its factors",
+    "kasa_config": "KaSA truncates the backbone weight's singular values and adds a learned diagonal",
+    "arrow_config": "Arrow routes each token among several adapters",
+    "use_bdlora": "BD-LoRA stores block-diagonal factors in a compact layout",
+    "ensure_weight_tying": "PEFT ties the LoRA of the output layer to the input embedding's",
+}
+# init_lora_weights: these made the adapter against a base PEFT rewrote (W - s·B₀·A₀, or LoftQ's quantised W),
+# so its tensors fit only that base; PEFT converts such an adapter to plain LoRA when saved with
+# path_initial_model_for_weight_conversion (the config then says True). The others leave the base untouched.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+VALUE_JUDGED_FIELDS = ("bias", "init_lora_weights")  # refused for some values only (see _refuse_changed_maths)
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
+
+
+def _unset(value: Any) -> bool:
+    """PEFT switches these features on by the field's truth value (None, False, 0 and empty mean off)."""
+    return not value
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _refuse_changed_maths(cfg: dict[str, Any], root: Path) -> None:
+    """One line naming the first config field whose value changes what the tensors compute in a way the import
+    does not reproduce exactly; a field this version does not know is refused when set (it may be such a field)."""
+    for name, value in cfg.items():
+        if name == "bias" and value not in (None, "none"):
+            why = "PEFT trained the backbone's biases too; adapter-hub never changes backbone parameters"
+        elif name == "init_lora_weights" and not (isinstance(value, bool) or str(value).lower() in _PLAIN_INITS):
+            rewritten = str(value).lower().startswith(_BASE_REWRITING_INITS)
+            why = (
+                "the adapter belongs to a backbone PEFT rewrote when it made it; save it in PEFT with "
+                "path_initial_model_for_weight_conversion to get a plain LoRA"
+                if rewritten
+                else "an initialisation this version does not know (it may have rewritten the backbone)"
+            )
+        elif name in REFUSED_FIELDS and not _unset(value):
+            why = REFUSED_FIELDS[name]
+        elif name not in HARMLESS_FIELDS and name not in (*VALUE_JUDGED_FIELDS, *REFUSED_FIELDS):
+            if _unset(value):
+                continue
+            why = "a LoraConfig field this version does not know; it may change the adapter's maths"
+        else:
+            continue
+        raise AdapterFileError(f"{root}: {name}={_shown(value)} is not supported: {why}")
 
 
 def import_peft(backbone: nn.Module, directory: str | os.PathLike, *, adapter_name: str = "default") -> AdapterRecord:
@@ -167,12 +337,12 @@ def import_peft(backbone: nn.Module, directory: str | os.PathLike, *, adapter_na
         raise AdapterFileError(f"{root}: not a PEFT adapter directory ({exc.strerror}: {exc.filename})") from None
     except json.JSONDecodeError:
         raise AdapterFileError(f"{root / CONFIG_NAME}: not valid JSON") from None
+    if not isinstance(cfg, dict):
+        raise AdapterFileError(f"{root / CONFIG_NAME}: not a PEFT config (a JSON object)")
     if cfg.get("peft_type") != "LORA":
         raise AdapterFileError(f"{root}: peft_type is {cfg.get('peft_type')!r}, only LORA adapters import")
-    if cfg.get("use_dora"):
-        raise AdapterFileError(f"{root}: DoRA adapters are not supported")
-    if cfg.get("bias", "none") != "none":
-        raise AdapterFileError(f"{root}: LoRA bias {cfg['bias']!r} is not supported (only 'none')")
+    use_dora = bool(cfg.get("use_dora"))  # DoRA: each layer's magnitude is read too (_import_magnitude)
+    _refuse_changed_maths(cfg, root)
     source = str(root / WEIGHTS_NAME)
     raw, _ = read_tensors(data, source)
     r0, alpha0 = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
@@ -182,30 +352,38 @@ def import_peft(backbone: nn.Module, directory: str | os.PathLike, *, adapter_na
     tensors: dict[str, torch.Tensor] = {}
     specs: dict[str, dict[str, Any]] = {}
     rest: dict[str, torch.Tensor] = {}
+    embedding_keyed: set[str] = set()  # paths whose pair is saved as lora_embedding_A/B
     for key, t in raw.items():
         if not key.startswith(PREFIX):
             raise AdapterFileError(f"{source}: unexpected key {key} (PEFT keys start with {PREFIX!r})")
         key = key[len(PREFIX) :]
-        m = re.fullmatch(r"(.+?)(\.base_layer\.out_proj)?\.(lora_A\.weight|lora_B\.weight|lora_embedding_[AB])", key)
+        # without use_dora a magnitude stays in ``rest``, where it is refused as DoRA's
+        parts = r"lora_A\.weight|lora_B\.weight|lora_embedding_[AB]" + (r"|lora_magnitude_vector" if use_dora else "")
+        m = re.fullmatch(rf"(.+?)(\.base_layer\.out_proj)?\.({parts})", key)
         if m is None:
             rest[key] = t
             continue
         path, out_proj, part = m.groups()
+        if part.startswith("lora_embedding_"):
+            embedding_keyed.add(path)
         part = {"lora_embedding_A": "lora_A.weight", "lora_embedding_B": "lora_B.weight"}.get(part, part)
         tensors[f"{path}{'.out_proj' if out_proj else ''}.{part}"] = t
         specs.setdefault(path, {})
     for path, spec in specs.items():
         module = module_at(backbone, path)
+        _check_pair_kind(module, path, path in embedding_keyed, source)
         a = tensors.get(f"{path}.lora_A.weight")
         if a is None:
             raise AdapterFileError(f"{source}: missing key {PREFIX}{path}.lora_A.weight")
-        rank = int(_pattern_value(rank_pattern, path, r0))
-        alpha = float(_pattern_value(alpha_pattern, path, alpha0))
+        rank = int(_pattern_value(rank_pattern, path, r0, source))
+        alpha = float(_pattern_value(alpha_pattern, path, alpha0, source))
         if a.shape[0] != rank:
             raise AdapterFileError(
                 f"{source}: key {PREFIX}{path}.lora_A.weight has rank {a.shape[0]}, the config says {rank}"
             )
         spec.update(r=rank, alpha=alpha)
+        if use_dora:
+            _import_magnitude(module, path, tensors, source)
         if (cls := lora_class_for(module)) is not None:  # without one, adding the record names the module
             spec["type"] = cls.__name__
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
@@ -213,7 +391,8 @@ def import_peft(backbone: nn.Module, directory: str | os.PathLike, *, adapter_na
             spec.update(rank=rank, a_groups=1 if grouped is None else module.groups)
             if grouped is not None:
                 tensors[f"{path}.lora_A.weight"] = grouped
-    heads = _head_paths(backbone, rest, source)
+    rest = _without_known_extras(backbone, rest, specs, source, velora=not _unset(cfg.get("velora_config")))
+    heads = _head_paths(backbone, rest, specs, source)
     tensors.update(rest)
     config = LoRAConfig(
         r=r0,
@@ -222,13 +401,74 @@ def import_peft(backbone: nn.Module, directory: str | os.PathLike, *, adapter_na
         heads=heads,
         use_rslora=rslora,
         dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
+        use_dora=use_dora,
     )
     meta = {"imported_from": {"format": "peft", "base_model_name_or_path": cfg.get("base_model_name_or_path")}}
     return AdapterRecord(config=config, layers=specs, heads=heads, tensors=tensors, metadata=meta, source=source)
 
 
-def _head_paths(backbone: nn.Module, rest: dict[str, torch.Tensor], source: str) -> list[str]:
-    """The module paths of full tensors (PEFT's modules_to_save), found by walking up each key."""
+def _check_pair_kind(module: nn.Module, path: str, embedding_keyed: bool, source: str) -> None:
+    """PEFT saves an nn.Embedding's pair as lora_embedding_A/B (A: (r, num_embeddings)) and every other
+    module's as lora_A/lora_B.weight; the other name on a module means another layout (a square embedding would
+    be read transposed), so it is refused."""
+    is_embedding = isinstance(module, nn.Embedding)
+    if embedding_keyed and not is_embedding:
+        raise AdapterFileError(
+            f"{source}: key {PREFIX}{path}.lora_embedding_A: PEFT writes lora_embedding_A/B for an nn.Embedding "
+            f"only, and {path} is a {type(module).__name__}"
+        )
+    if is_embedding and not embedding_keyed:
+        raise AdapterFileError(
+            f"{source}: key {PREFIX}{path}.lora_A.weight on the nn.Embedding {path}: PEFT saves an embedding "
+            f"module's LoRA as lora_embedding_A/B (lora_A/lora_B on one come from target_parameters, another layout)"
+        )
+
+
+# Keys that belong to a PEFT feature adapter-hub does not import, named in the refusal.
+_FEATURE_KEYS = (
+    (re.compile(r".*\.lora_magnitude_vector(\..*)?"), "DoRA (use_dora)"),
+    (re.compile(r".*\.lora_B\.bias"), "lora_bias"),
+    (re.compile(r".*\.trainable_tokens_delta"), "trainable tokens (trainable_token_indices)"),
+    (re.compile(r".*\.lora_diag(\..*)?"), "KaSA (kasa_config)"),
+    (re.compile(r".*\.lora_monteclora_sampler\..*"), "MonteCLoRA (monteclora_config)"),
+    (re.compile(r".*\.lora_arrow\..*"), "Arrow (arrow_config)"),
+    (re.compile(r".*\.lora_velora_embed"), "VeLoRA (velora_config)"),
+)
+
+
+def _without_known_extras(
+    backbone: nn.Module, rest: dict[str, torch.Tensor], specs: dict[str, Any], source: str, *, velora: bool
+) -> dict[str, torch.Tensor]:
+    """``rest`` without what PEFT saves beside the LoRA pairs and adds nothing: VeLoRA's projection buffer (used
+    in training only), and a copy of an adapted module's own tensor under ``<path>.base_layer.`` (PEFT saves a
+    targeted embedding's weight so), accepted only when bit-identical to this backbone's. A key of a PEFT
+    feature that is not imported is refused, naming the feature."""
+    kept: dict[str, torch.Tensor] = {}
+    for key, t in rest.items():
+        if velora and key.endswith(".lora_velora_embed"):
+            continue
+        for pattern, feature in _FEATURE_KEYS:
+            if pattern.fullmatch(key):
+                raise AdapterFileError(
+                    f"{source}: key {PREFIX}{key} belongs to PEFT's {feature}, which adapter-hub does not import"
+                )
+        m = re.fullmatch(r"(.+?)\.base_layer\.(.+)", key)
+        if m is None or m.group(1) not in specs:
+            kept[key] = t
+            continue
+        path, name = m.groups()
+        own = module_at(backbone, path).state_dict().get(name)
+        if own is None or own.dtype != t.dtype or own.shape != t.shape or not torch.equal(own, t):
+            raise AdapterFileError(
+                f"{source}: key {PREFIX}{key} is a copy of the adapted module's {name} that differs from this "
+                f"backbone's {path}.{name} (the adapter was saved with another base weight)"
+            )
+    return kept
+
+
+def _head_paths(backbone: nn.Module, rest: dict[str, torch.Tensor], specs: dict[str, Any], source: str) -> list[str]:
+    """The module paths of full tensors (PEFT's modules_to_save), found by walking up each key. A tensor of a
+    module that also has a LoRA pair is a trained backbone parameter (PEFT's bias="all"/"lora_only"): refused."""
     modules = dict(backbone.named_modules())
     heads: list[str] = []
     for key in sorted(rest):
@@ -237,6 +477,11 @@ def _head_paths(backbone: nn.Module, rest: dict[str, torch.Tensor], source: str)
             path = path.rpartition(".")[0]
         if not path or key[len(path) + 1 :] not in modules[path].state_dict():
             raise AdapterFileError(f"{source}: unexpected key {PREFIX}{key}")
+        if path in specs:
+            raise AdapterFileError(
+                f"{source}: key {PREFIX}{key} is a parameter of the adapted module {path} (PEFT saves those "
+                f"when it trains backbone biases), which adapter-hub does not change"
+            )
         if path not in heads:
             heads.append(path)
     return heads

@@ -23,7 +23,8 @@ class AdapterRecord:
     ``layers``: module path -> the LoRA layer's ``spec()`` (type, r, alpha; rank and a_groups for a conv).
     ``heads``: the module paths of the heads trained in full.
     ``tensors``: every tensor under its file key ``<module path>.<state key>``, e.g.
-    ``layer1.0.conv1.lora_A.weight`` or ``fc.weight``.
+    ``layer1.0.conv1.lora_A.weight`` or ``fc.weight``; a DoRA adapter (``config.use_dora``) also has each
+    layer's magnitude, shape (out,), under ``<module path>.lora_magnitude_vector``.
     ``metadata``: the adapter's JSON-able metadata (a combine recipe, where it was imported from...).
     ``fingerprint``: sha256 of the backbone it was made for ("" when unknown, as for a PEFT directory).
     ``source``: where it was read from, named in error messages.

@@ -27,7 +27,9 @@ class LoRAConfig:
     ``targets``: glob patterns over module names (``"layer*.conv*"``) and/or module classes
     (``nn.Conv2d`` or ``"Conv2d"``). ``heads``: modules trained in full and kept per adapter (a task
     head); a module listed there gets no delta. ``rank_pattern`` / ``alpha_pattern`` override r and α
-    for the modules whose name matches a glob key (first match wins).
+    for the modules whose name matches a glob key (first match wins). ``use_dora``: DoRA (weight-decomposed
+    LoRA) on every target — a trainable magnitude per output channel, y = m/‖W + ΔW‖·(W + ΔW)⋆x + b (Linear,
+    transformers' Conv1D and Conv1d/2d/3d targets only; see ``LoRALayer``).
     """
 
     r: int = 8
@@ -39,6 +41,7 @@ class LoRAConfig:
     use_rslora: bool = False
     dropout: float = 0.0
     init: str = "kaiming"
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         self.targets = [_pattern(t) for t in ([self.targets] if isinstance(self.targets, str | type) else self.targets)]
@@ -51,6 +54,8 @@ class LoRAConfig:
             raise LoRAConfigError(f"LoRA rank must be a positive integer: {bad[0][0]} = {bad[0][1]}")
         if not 0.0 <= self.dropout < 1.0:
             raise LoRAConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.use_dora, bool):
+            raise LoRAConfigError(f"use_dora must be true or false, got {self.use_dora!r}")
         if self.init not in INITS:
             raise LoRAConfigError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
 

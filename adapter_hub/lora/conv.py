@@ -34,9 +34,14 @@ class _LoRAConvNd(LoRALayer):
     groups of a grouped base conv, runs fine, but cannot be merged into its weight.
 
     ``spec()`` adds ``rank`` and ``a_groups`` to r and α: with the base conv they fix both kernels.
+
+    DoRA (``use_dora=True``): y = m/‖W0 + ΔW‖·conv(x, W0 + ΔW) + b, m ∈ R^{out}, the norm of each output
+    channel's kernel W[o] (over in/g and the kernel dims), detached in training — PEFT's ``use_dora`` for
+    convs. A grouped conv needs the grouped A (``a_groups`` = groups), which makes ΔW a grouped weight.
     """
 
     ndim: int
+    supports_dora = True
 
     def __init__(
         self,
@@ -49,6 +54,7 @@ class _LoRAConvNd(LoRALayer):
         init: str = "kaiming",
         a_groups: int | None = None,
         rank: int | None = None,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(base, nn.modules.conv._ConvTransposeNd):
@@ -79,6 +85,10 @@ class _LoRAConvNd(LoRALayer):
         self.lora_B = conv(self.rank, base.out_channels, 1, groups=g, bias=False, **factory)
         init_a(self.lora_A.weight, init, r)
         nn.init.zeros_(self.lora_B.weight)
+        if use_dora:
+            if (why := self.merge_blocker()) is not None:
+                raise LoRAConfigError(f"DoRA needs ΔW as a weight to take its norm, and {why}")
+            self._setup_dora(base.weight.detach())
 
     @property
     def rank(self) -> int:
@@ -101,6 +111,13 @@ class _LoRAConvNd(LoRALayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def per_channel(self, v: torch.Tensor) -> torch.Tensor:
+        return v.view(-1, *([1] * self.ndim))  # (out, 1, …): the channel dim of a batched or unbatched output
+
+    def base_plain(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # A has the base conv's stride, padding, dilation, padding_mode and (for DoRA, see __init__) groups
+        return self.lora_A._conv_forward(x, weight, None)
 
     def merge_blocker(self) -> str | None:
         if self.groups > 1 and self.a_groups == 1:

@@ -14,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Text, cast, delete, func, select
 from sqlalchemy import text as sql
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError, DBAPIError, IntegrityError, InterfaceError, NoSuchModuleError
@@ -120,6 +120,19 @@ def _fingerprint_of(backbone: Any) -> str:
     from ..formats import fingerprint  # a plain nn.Module
 
     return str(fingerprint(backbone))
+
+
+FILES_KEY = "files"  # where a backbone's source records the digest of its files (Hub.add_backbone(files=))
+
+
+def _files_digest(source: Any) -> str | None:
+    """The sha256 a backbone source records for its files, or None. Only a well-formed digest counts: a
+    store path is built from it."""
+    files = source.get(FILES_KEY) if isinstance(source, dict) else None
+    digest = files.get("sha256") if isinstance(files, dict) else None
+    if isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+        return digest
+    return None
 
 
 class _UploadExpired(Exception):
@@ -312,29 +325,82 @@ class Hub:
         source: dict[str, Any] | None = None,
         description: str | None = None,
         exist_ok: bool = False,
+        files: bytes | None = None,
     ) -> Backbone:
-        """Record a backbone by fingerprint: an nn.Module, an AdapterModel, or a sha256 hex string."""
+        """Record a backbone by fingerprint: an nn.Module, an AdapterModel, or a sha256 hex string.
+
+        ``files``: bytes the backbone needs besides its weights (a Transformers tokenizer's files), stored in
+        the artifact store by sha256 as an adapter is (upload row first, blob durable before the backbone row
+        commits) and recorded in the source as ``files: {"sha256", "size"}``. gc keeps the blob as long as a
+        backbone's source names it; :meth:`backbone_files` reads it back, checked against its digest."""
         check_name("backbone", name)
         limits.check("architecture", architecture)
         limits.check("backbone description", description)
+        if source is not None and FILES_KEY in source:
+            raise RegistryError(f"a backbone source's {FILES_KEY!r} entry is set by the registry: pass files=")
+        if files is not None:
+            source = {**(source or {}), FILES_KEY: {"sha256": sha256_hex(files), "size": len(files)}}
         limits.json_value("backbone source", source)
         fp = _fingerprint_of(backbone)
+
+        def insert(s: Session) -> Backbone:
+            row = s.scalar(select(BackboneRow).where(BackboneRow.name == name))
+            if row is not None:
+                if exist_ok and row.fingerprint == fp:
+                    return q.backbone_record(row)
+                same = " (same fingerprint)" if row.fingerprint == fp else ""
+                raise AlreadyExists(f"backbone {name!r} already exists{same}")
+            row = BackboneRow(name=name, architecture=architecture, fingerprint=fp, source=source,
+                              description=description)  # fmt: skip
+            s.add(row)
+            s.flush()
+            return q.backbone_record(row)
+
         try:
-            with self._session(write=True) as s:
-                row = s.scalar(select(BackboneRow).where(BackboneRow.name == name))
-                if row is not None:
-                    if exist_ok and row.fingerprint == fp:
-                        return q.backbone_record(row)
-                    same = " (same fingerprint)" if row.fingerprint == fp else ""
-                    raise AlreadyExists(f"backbone {name!r} already exists{same}")
-                row = BackboneRow(
-                    name=name, architecture=architecture, fingerprint=fp, source=source, description=description
-                )
-                s.add(row)
-                s.flush()
-                return q.backbone_record(row)
+            if files is None:
+                with self._session(write=True) as s:
+                    return insert(s)
+            with self._session() as s:  # a taken name is refused before any bytes are stored
+                taken = s.scalar(select(BackboneRow).where(BackboneRow.name == name))
+                if taken is not None:
+                    return insert(s)  # the existing record (exist_ok, same fingerprint) or AlreadyExists
+            digest = sha256_hex(files)
+            upload = self._start_upload(files, digest)
+            try:
+                for _ in range(MAX_ATTEMPTS):
+                    try:
+                        with self._session(write=True) as s:
+                            # the digest's lock: gc's check-then-delete of this blob runs wholly before or after
+                            self._lock_digest(s, digest)
+                            if s.execute(delete(UploadRow).where(UploadRow.token == upload)).rowcount != 1:
+                                raise _UploadExpired
+                            return insert(s)
+                    except _UploadExpired:
+                        upload = self._start_upload(files, digest)
+                raise RegistryError(f"could not store the files of backbone {name!r}: gc removed the upload repeatedly")
+            except BaseException:
+                self._drop_upload(upload)  # the transaction rolled back: the blob is an orphan for gc
+                raise
         except IntegrityError:
             raise AlreadyExists(f"backbone {name!r} already exists") from None
+
+    def backbone_files(self, name: str) -> bytes:
+        """The files recorded with backbone ``name`` (Hub.add_backbone(files=...)), checked against their
+        sha256; NotFound when it records none, ArtifactError when the blob is missing or corrupt."""
+        record = self.backbone(name)
+        digest = _files_digest(record.source)
+        if digest is None:
+            raise NotFound(f"backbone {name!r} records no files")
+        return self.store.read(digest, f"backbone {name!r}")
+
+    def _backbone_file_digests(self, s: Session) -> dict[str, str]:
+        """digest -> backbone name, for every backbone that records files."""
+        found = {}
+        for backbone_name, source in s.execute(select(BackboneRow.name, BackboneRow.source)):
+            digest = _files_digest(source)
+            if digest is not None:
+                found[digest] = backbone_name
+        return found
 
     def backbones(self) -> list[Backbone]:
         with self._session() as s:
@@ -788,13 +854,15 @@ class Hub:
             return q.version_records(s, [version.id])[0]
 
     def verify(self, ref: str | Ref | None = None) -> list[Problem]:
-        """Check the blob of one version (or of every version that still has one) against its digest."""
+        """Check the blob of one version (or of every version that still has one, and every backbone's
+        recorded files) against its digest."""
         with self._session() as s:
             if ref is not None:
                 ids = [q.resolve_row(s, parse_ref(ref), include_deleted=True).id]
             else:
                 ids = list(s.scalars(select(VRow.id).where(VRow.status != "purged").order_by(VRow.id)))
             refs = q.ref_rows(s, ids)
+            backbone_files = self._backbone_file_digests(s) if ref is None else {}
         checked: dict[str, str | None] = {}
         problems = []
         for r in refs:
@@ -802,10 +870,14 @@ class Hub:
                 checked[r.digest] = self.store.problem(r.digest, r.size)
             if checked[r.digest] is not None:
                 problems.append(Problem(r.ref, r.digest, str(checked[r.digest])))
+        for digest, backbone_name in sorted(backbone_files.items(), key=lambda item: item[1]):
+            problem = checked[digest] if digest in checked else self.store.problem(digest)
+            if problem is not None:
+                problems.append(Problem(f"backbone {backbone_name}", digest, problem))
         return problems
 
     def gc(self, *, grace_s: float = 3600.0, purge_deleted: bool = False, dry_run: bool = False) -> GcReport:
-        """Remove blobs no version references (and stale temp files), once older than `grace_s`. With
+        """Remove blobs no version and no backbone references (and stale temp files), once older than `grace_s`. With
         purge_deleted, versions deleted more than `grace_s` ago give up their blobs too (they become
         'purged': the row stays).
 
@@ -842,6 +914,7 @@ class Hub:
         blobs = list(self.store.digests())
         with self._session() as s:
             referenced = set(s.scalars(select(VRow.digest).where(VRow.status != "purged").distinct()))
+            referenced.update(self._backbone_file_digests(s))
             uploads = {t: (d, aware(at)) for t, d, at in s.execute(select(UploadRow.token, UploadRow.digest,
                                                                                 UploadRow.started_at))}  # fmt: skip
         stale = {t for t, (_d, at) in uploads.items() if at is not None and at <= cutoff}
@@ -866,7 +939,10 @@ class Hub:
                 # one statement, so one snapshot on PostgreSQL's READ COMMITTED as well
                 used = select(VRow.id).where(VRow.digest == digest, VRow.status != "purged").exists()
                 pending = select(UploadRow.id).where(UploadRow.digest == digest).exists()
-                if not s.scalar(select(used | pending)):
+                # a backbone's files: any source whose JSON text holds the digest keeps it (a superset of
+                # the sources that record it, so never a blob a backbone needs)
+                needed = select(BackboneRow.id).where(cast(BackboneRow.source, Text).contains(digest)).exists()
+                if not s.scalar(select(used | pending | needed)):
                     size = self.store.remove(path)
                     if size:
                         removed.append(digest)

@@ -340,7 +340,8 @@ def test_demo_and_predict_tables_print_names_literally(tmp_path: Path, monkeypat
     assert own_escapes_only(out)
 
     item = type("Item", (), {"task": HOSTILE})()
-    outcome = type("Outcome", (), {"items": [item], "refs": {HOSTILE: f"{SGR}[/x]"}, "accuracy": {f"{SGR}[/x]": 1.0}})
+    outcome = type("Outcome", (), {"items": [item], "texts": False, "refs": {HOSTILE: f"{SGR}[/x]"},
+                                   "accuracy": {f"{SGR}[/x]": 1.0}})  # fmt: skip
     monkeypatch.setattr(predict, "predict_refs", lambda *args, **kwargs: outcome)
     out = invoke(home, "predict", root, "--data", str(tmp_path)).output
     assert r"\x1b[31m[/x]" in out and "[red]x" in out and "100.00%" in out

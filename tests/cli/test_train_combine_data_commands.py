@@ -135,6 +135,22 @@ def test_train_then_transfer_then_eval_through_the_cli(tmp_path: Path):
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["accuracy"] == logged["test/accuracy"], "the same model gives the same score"
 
+    dora = cli(home, "--json", "train", "rot/dora", "--backbone", "small", "--data", str(tmp_path / "rot"),
+               "--epochs", "1", "--dora")  # fmt: skip
+    assert dora.returncode == 0, dora.stderr
+    with Hub.open(home) as hub:
+        model = pipelines.model_for(hub, "small")
+        hub.load_into(model, "rot/dora:1", name="d")
+        dora_accuracy = {m.name: m.value for m in hub.metrics("rot/dora:1")}["test/accuracy"]
+    record = model.export_record("d")
+    magnitudes = [k for k in record.tensors if k.endswith("lora_magnitude_vector")]
+    assert record.config.use_dora and magnitudes, "a DoRA version carries its magnitudes"
+    evaluated = cli(home, "--json", "eval", "rot/dora", "--data", str(tmp_path / "rot"))
+    assert json.loads(evaluated.stdout)["accuracy"] == dora_accuracy
+    both = cli(home, "train", "rot/z", "--backbone", "small", "--data", str(tmp_path / "rot"), "--dora", "--from",
+               "rot/lora")  # fmt: skip
+    assert both.returncode == 1 and "--dora makes a new adapter" in both.stderr
+
     missing = cli(home, "train", "rot/x", "--backbone", "small", "--data", str(tmp_path / "nothing"))
     assert missing.returncode == 1 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
     cli(home, "task", "add", "two", "--num-classes", "2")

@@ -171,3 +171,45 @@ def test_a_hugging_face_encoder_with_padding_masks_routes_per_sample() -> None:
     (routed,), _ = route_inputs((batch,), {}, perm, 4)
     assert type(routed) is transformers.BatchEncoding and torch.equal(routed["input_ids"], ids[perm])
     assert torch.equal(restore_order(routed, perm, 4)["attention_mask"], mask)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers renames past_key_values to cache
+def test_a_key_value_cache_travels_with_its_rows_through_two_decoding_steps() -> None:
+    """GPT-2 with use_cache: the cache a routed forward returns is in input order, and a cache given to a routed
+    forward is reordered with the batch and put back, so step 2 of every row equals that row decoded alone."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = _adapted(transformers.GPT2Model(config).eval(), ["*.attn.c_attn", "*.mlp.c_fc"])
+    route = ["b", None, "a", "b"]
+    first, second = torch.randint(1, 40, (4, 5)), torch.randint(1, 40, (4, 1))
+    with torch.no_grad():
+        step1 = model(input_ids=first, use_cache=True, route=route)
+        cache = step1.past_key_values
+        keys_after_step1 = cache.layers[0].keys.clone()
+        step2 = model(input_ids=second, past_key_values=cache, use_cache=True, route=route)  # appends to cache
+        for i, name in enumerate(route):
+            previous = model.active
+            model.activate(name)
+            alone1 = model.backbone(input_ids=first[i : i + 1], use_cache=True)
+            torch.testing.assert_close(keys_after_step1[i], alone1.past_key_values.layers[0].keys[0])
+            alone2 = model.backbone(input_ids=second[i : i + 1], past_key_values=alone1.past_key_values)
+            model.activate(previous)
+            assert alone2.last_hidden_state.abs().max() > 1e-3
+            torch.testing.assert_close(step2.last_hidden_state[i], alone2.last_hidden_state[0])
+            torch.testing.assert_close(cache.layers[1].values[i], alone2.past_key_values.layers[1].values[0])
+
+
+def test_a_layer_that_sees_the_batch_off_dimension_0_is_refused_naming_it() -> None:
+    class SeqFirst(nn.Module):  # (batch, seq, dim) turned into (seq, batch, dim) before the adapted layer
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x.transpose(0, 1)).transpose(0, 1)
+
+    model = _adapted(SeqFirst(), ["lin"])
+    with pytest.raises(ConfigError, match="lin got 3 rows for a batch of 4"):
+        model(torch.randn(4, 3, 6), route=ROUTE)

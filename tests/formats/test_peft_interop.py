@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -14,6 +15,7 @@ from torch import nn
 
 from adapter_hub import AdapterModel, LoRAConfig
 from adapter_hub.errors import AdapterFileError, MergeError
+from adapter_hub.formats.peft import PeftCompatibilityWarning
 
 peft = pytest.importorskip("peft", reason="the peft package is needed for the interop tests (dev extra)")
 
@@ -151,7 +153,10 @@ def test_export_loads_in_peft_with_the_same_outputs(case: str, tmp_path: Path):
     model.activate("task")
     expected = model(x)
     _moves_the_output(bb, x, expected)
-    model.export_peft("task", tmp_path, base_model_name_or_path=kind)
+    # an attention adapter says that PEFT computes it differently (see _peft_truth)
+    warns = pytest.warns(PeftCompatibilityWarning) if kind == "vit" else contextlib.nullcontext()
+    with warns:
+        model.export_peft("task", tmp_path, base_model_name_or_path=kind)
 
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == ours_cfg.r and config["lora_alpha"] == ours_cfg.alpha
