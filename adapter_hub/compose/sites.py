@@ -330,9 +330,23 @@ class LayerSite(_Site):
         active: list[tuple[Part, float]],
         slot: str,
     ) -> torch.Tensor:
-        """op(x, [W; A₁; …]) once, then each B applied by one fused, scaled multiply-add."""
+        """op(x, [W; A₁; …]) once, then each B applied by one fused, scaled multiply-add.
+
+        In training (an A that requires grad) the base op and each A run apart instead: autograd would give a
+        stacked [W; A] a weight gradient in full — a product as large as the layer's own — to keep A's rows."""
         if not active:
             return op(x, weight, bias)
+        if torch.is_grad_enabled() and any(a_w.requires_grad for (a_w, _, _), _ in active):
+            y = op(x, weight, bias)
+            linear = op is F.linear
+            out = y.reshape(-1, y.shape[-1]) if linear else y.flatten(2)
+            for (a_w, b_w, scale), w in active:
+                a = op(x, a_w, None)
+                if linear:
+                    out = torch.addmm(out, a.reshape(-1, a.shape[-1]), b_w.t(), alpha=w * scale)
+                else:
+                    out = torch.baddbmm(out, b_w.expand(a.shape[0], *b_w.shape), a.flatten(2), alpha=w * scale)
+            return out.view(y.shape)
         w_all, b_all = self._stacked(slot, weight, bias, [p[0] for p, _ in active])
         y = op(x, w_all, b_all)
         out_features, offset = weight.shape[0], weight.shape[0]
