@@ -1,23 +1,28 @@
-"""Backbones: the catalogue of torchvision models with sensible LoRA targets, building a recorded source (a
-catalogue or torchvision name, module:callable behind a trust gate, or a Transformers directory through
-adapter_hub.hf), loading weights, and rebuilding a record under its fingerprint."""
+"""Backbones: the catalogue of torchvision models with sensible LoRA targets, where a new adapter's task head
+goes on any other model, building a recorded source (a catalogue or torchvision name, module:callable behind a
+trust gate, or a Transformers directory through adapter_hub.hf), loading weights, and rebuilding a record
+under its fingerprint."""
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from . import checks, hf
 from .errors import BackboneError, UntrustedFactory, first_line
+
+if TYPE_CHECKING:
+    from .model import AdapterModel
 
 
 @dataclass(frozen=True)
@@ -50,18 +55,55 @@ def vit_small(num_classes: int = 10, image_size: int = 8, patch_size: int = 2) -
     )  # fmt: skip
 
 
+# Default targets: every layer whose low-rank delta is smaller than the layer itself. A depthwise conv
+# (groups = channels) gets rank ⌈r/g⌉ = 1 per channel, so its delta (C·k² + C) outgrows its weight (C·k²):
+# MobileNet/EfficientNet depthwise convs, ConvNeXt's 7×7 ones (equal size: nothing saved) and the
+# squeeze-excitation 1×1 convs are left out. Grouped convs with wider groups (ResNeXt, RegNet) stay in:
+# their delta is a fraction of the weight. fnmatch's ``*`` crosses dots, so the MobileNet patterns name
+# block numbers where the depthwise conv's index depends on the block.
 _RESNET = ["conv1", "layer*.*.conv*", "layer*.*.downsample.0"]
+_REGNET = ["stem.0", "trunk_output.*.proj.0", "trunk_output.*.f.a.0", "trunk_output.*.f.b.0", "trunk_output.*.f.c.0"]
+_CONVNEXT = ["features.*.*.block.3", "features.*.*.block.5"]
 _VIT = ["*.self_attention", "*.mlp.0", "*.mlp.3"]
+_SWIN = ["features.*.*.attn.qkv", "features.*.*.attn.proj", "features.*.*.mlp.0", "features.*.*.mlp.3"]
+# MobileNetV2: features.1's block has no expansion (conv.0 is depthwise, conv.1 the projection); later
+# blocks expand (conv.0.0), go depthwise (conv.1.0) and project (conv.2).
+_MOBILENET_V2 = ["features.0.0", "features.1.conv.1", "features.[2-9].conv.0.0", "features.1[0-7].conv.0.0",
+                 "features.*.conv.2", "features.18.0"]  # fmt: skip
+# MobileNetV3: block.0.0 expands except in features.1 (depthwise there); the projection is block.2.0, or
+# block.3.0 after a squeeze-excitation (large's features.1: block.1.0).
+_MOBILENET_V3_SMALL = ["features.0.0", "features.[2-9].block.0.0", "features.1[01].block.0.0", "features.*.block.2.0",
+                       "features.*.block.3.0", "features.12.0", "classifier.0"]  # fmt: skip
+_MOBILENET_V3_LARGE = ["features.0.0", "features.1.block.1.0", "features.[2-9].block.0.0",
+                       "features.1[0-5].block.0.0", "features.*.block.2.0", "features.*.block.3.0", "features.16.0",
+                       "classifier.0"]  # fmt: skip
+# EfficientNet MBConv: expand block.0.0, depthwise block.1.0, squeeze-excitation block.2, project block.3.0
+# (stage 1 does not expand: depthwise block.0.0, project block.2.0). EfficientNetV2's stages 1-3 are fused
+# MBConvs: full 3×3 convs, all targeted.
+_EFFICIENTNET_B0 = ["features.0.0", "features.1.*.block.2.0", "features.[2-7].*.block.0.0",
+                    "features.[2-7].*.block.3.0", "features.8.0"]  # fmt: skip
+_EFFICIENTNET_V2_S = ["features.0.0", "features.[1-3].*.block.*.0", "features.[4-6].*.block.0.0",
+                      "features.[4-6].*.block.3.0", "features.7.0"]  # fmt: skip
 CATALOGUE: dict[str, Entry] = {
     "resnet18": Entry("resnet18", _RESNET, "fc"),
     "resnet34": Entry("resnet34", _RESNET, "fc"),
     "resnet50": Entry("resnet50", _RESNET, "fc"),
-    "mobilenet_v3_small": Entry("mobilenet_v3_small", ["features.*.block.*.0", "classifier.0"], "classifier.3"),
-    "mobilenet_v3_large": Entry("mobilenet_v3_large", ["features.*.block.*.0", "classifier.0"], "classifier.3"),
-    "efficientnet_b0": Entry("efficientnet_b0", ["features.*.*.block.*.0"], "classifier.1"),
-    "convnext_tiny": Entry("convnext_tiny", ["features.*.*.block.3", "features.*.*.block.5"], "classifier.2"),
+    "resnext50_32x4d": Entry("resnext50_32x4d", _RESNET, "fc"),
+    "regnet_y_400mf": Entry("regnet_y_400mf", _REGNET, "fc"),
+    "regnet_x_400mf": Entry("regnet_x_400mf", _REGNET, "fc"),
+    "mobilenet_v2": Entry("mobilenet_v2", _MOBILENET_V2, "classifier.1"),
+    "mobilenet_v3_small": Entry("mobilenet_v3_small", _MOBILENET_V3_SMALL, "classifier.3"),
+    "mobilenet_v3_large": Entry("mobilenet_v3_large", _MOBILENET_V3_LARGE, "classifier.3"),
+    "efficientnet_b0": Entry("efficientnet_b0", _EFFICIENTNET_B0, "classifier.1"),
+    "efficientnet_v2_s": Entry("efficientnet_v2_s", _EFFICIENTNET_V2_S, "classifier.1"),
+    "convnext_tiny": Entry("convnext_tiny", _CONVNEXT, "classifier.2"),
+    "convnext_small": Entry("convnext_small", _CONVNEXT, "classifier.2"),
     "vit_b_16": Entry("vit_b_16", _VIT, "heads.head"),
-    "swin_t": Entry("swin_t", ["features.*.*.attn.qkv", "features.*.*.attn.proj", "features.*.*.mlp.0"], "head"),
+    "vit_b_32": Entry("vit_b_32", _VIT, "heads.head"),
+    "vit_l_16": Entry("vit_l_16", _VIT, "heads.head"),
+    "swin_t": Entry("swin_t", _SWIN, "head"),
+    "swin_s": Entry("swin_s", _SWIN, "head"),
+    "swin_v2_t": Entry("swin_v2_t", _SWIN, "head"),
     "resnet_small": Entry("resnet_small", ["conv1", "layer*.*.conv*"], "fc"),
     "vit_small": Entry("vit_small", _VIT, "heads.head"),
 }
@@ -71,6 +113,130 @@ def entry(architecture: str) -> Entry:
     if architecture not in CATALOGUE:
         raise BackboneError(f"unknown backbone {architecture!r}; the catalogue has {', '.join(CATALOGUE)}")
     return CATALOGUE[architecture]
+
+
+def find_head(model: nn.Module, num_classes: int | None = None) -> str:
+    """The path of ``model``'s classifier when it can be told without asking: its last ``nn.Linear`` (in
+    ``named_modules`` order), provided no module with parameters comes after it and, when ``num_classes`` is
+    known, it outputs that many classes. Anything else is refused in one line asking for ``--head``: a model
+    without a Linear (SqueezeNet's classifier is a conv), or one whose last Linear is not its output."""
+    owners = [(p, m) for p, m in model.named_modules() if p and any(True for _ in m.parameters(recurse=False))]
+    linears = [(p, m) for p, m in owners if type(m) is nn.Linear]  # not MultiheadAttention's out_proj
+    if not linears:
+        raise BackboneError("the backbone has no nn.Linear to train as its head: pass --head PATH, the module "
+                            "that outputs the classes")  # fmt: skip
+    path, module = linears[-1]
+    last = owners[-1][0]
+    if last != path and not last.startswith(f"{path}."):
+        raise BackboneError(f"cannot tell the backbone's head: its last Linear {path} is followed by {last} "
+                            f"({type(owners[-1][1]).__name__}); pass --head PATH")  # fmt: skip
+    if num_classes is not None and module.out_features != num_classes:
+        raise BackboneError(f"cannot tell the backbone's head: its last Linear {path} outputs {module.out_features}, "
+                            f"not the backbone's {num_classes} classes; pass --head PATH")  # fmt: skip
+    return path
+
+
+def choose_head(
+    model: nn.Module,
+    *,
+    given: str | None = None,
+    default: str | None = None,
+    inherited: Sequence[str] = (),
+    num_classes: int | None = None,
+) -> tuple[str, str | None]:
+    """Where a new adapter's task head goes, and, when nobody named it, a line saying how it was found.
+
+    ``given`` (``--head``) wins, and must be one of ``inherited`` (the heads of the adapter training starts
+    from) when there are any; else the single inherited head; else the catalogue's ``default``; else
+    :func:`find_head`. The path is checked by :func:`head_layer`."""
+    note = None
+    if given is not None:
+        if inherited and given not in inherited:
+            raise BackboneError(f"head {given!r} is not a head of the adapter training starts from (its heads: "
+                                f"{', '.join(inherited)})")  # fmt: skip
+        path = given
+    elif len(inherited) == 1:
+        path = inherited[0]
+    elif default is not None:
+        path = default
+    else:
+        path = find_head(model, num_classes)
+        note = f"head: {path}, the backbone's last Linear (found by itself; --head PATH names another)"
+    head_layer(model, path)
+    return path, note
+
+
+_HEAD_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def head_layer(model: nn.Module, path: str) -> nn.Module:
+    """The module at ``path``, checked to be a layer a fresh head can replace: a Linear, or an ungrouped
+    Conv1d/2d/3d (SqueezeNet's 1×1 classifier). Anything else is refused in one line: a path that is not a
+    module (with close names), a container without a weight of its own (with the layer inside it to name
+    instead), another kind of layer."""
+    try:
+        layer = model.get_submodule(path)
+    except AttributeError:
+        close = difflib.get_close_matches(path, [p for p, _ in model.named_modules() if p], n=3)
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise BackboneError(f"head {path!r} is not a module of the backbone{hint}") from None
+    kind = type(layer).__name__
+    if type(layer) in _HEAD_TYPES and getattr(layer, "groups", 1) == 1:
+        return layer
+    if not isinstance(getattr(layer, "weight", None), torch.Tensor):
+        inner = [p for p, m in layer.named_modules() if p and type(m) in _HEAD_TYPES]
+        hint = f", e.g. {path}.{inner[-1]}" if inner else ""
+        raise BackboneError(f"head {path!r} is a {kind}, a module without a weight of its own: name the layer "
+                            f"that outputs the classes{hint}")  # fmt: skip
+    raise BackboneError(f"head {path!r} is a {kind}: a head must be a Linear or an ungrouped Conv1d/2d/3d layer "
+                        "whose outputs are the classes")  # fmt: skip
+
+
+def new_head(layer: nn.Module, num_classes: int) -> nn.Module:
+    """A fresh head for ``num_classes`` classes in place of ``layer`` (checked by :func:`head_layer`): a Linear
+    with the same inputs, or a conv with the same kernel, stride, padding, dilation and padding mode; with a
+    bias when the layer has one, on its weight's device and dtype, drawn by torch's default init (seed torch
+    first)."""
+    factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+    bias = layer.bias is not None
+    if isinstance(layer, nn.Linear):
+        return nn.Linear(layer.in_features, num_classes, bias=bias, **factory)
+    if isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return type(layer)(layer.in_channels, num_classes, layer.kernel_size, stride=layer.stride,
+                           padding=layer.padding, dilation=layer.dilation, bias=bias, padding_mode=layer.padding_mode,
+                           **factory)  # fmt: skip
+    raise BackboneError(f"a head must be a Linear or a conv layer, not a {type(layer).__name__}")
+
+
+def check_head_output(model: AdapterModel, inputs: torch.Tensor, head: str, num_classes: int) -> None:
+    """Run ``model`` (the new adapter active) once on a few inputs, in eval mode and without gradients, and
+    refuse in one line when its output is not ``(batch, num_classes)``: a head named inside the network (a
+    conv whose outputs feed a batch norm) breaks the forward or the output's width, and is better said before
+    training than as a traceback in its first step. When the bare backbone fails on the inputs too, the
+    images are the problem (too small for its downsampling, say), and that is what the line says."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                out = model(inputs)
+            except Exception as exc:  # any layer after a misplaced head may fail, with any type
+                try:
+                    with model.disable_adapters():
+                        model(inputs)
+                except Exception as bare:  # the backbone's own code, on these inputs
+                    raise BackboneError(f"the backbone does not run on the data's {tuple(inputs.shape[1:])} images: "
+                                        f"{first_line(bare)}") from None  # fmt: skip
+                why = first_line(exc)
+                raise BackboneError(f"the backbone does not run with a {num_classes}-class head at {head} ({why}): "
+                                    "the head must be the layer that outputs the classes") from None  # fmt: skip
+    finally:
+        model.train(was_training)
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    wanted = (len(inputs), num_classes)
+    if shape != wanted:
+        raise BackboneError(f"with a {num_classes}-class head at {head} the backbone outputs {shape}, not {wanted}: "
+                            "the head must be the layer that outputs the classes")  # fmt: skip
 
 
 TRUSTED_FACTORIES_ENV = "ADAPTER_HUB_TRUSTED_FACTORIES"

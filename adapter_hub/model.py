@@ -19,7 +19,15 @@ from .compose.combine import combine as combine_adapters
 from .compose.policies import Stack, Switch
 from .compose.routing import Plan, RoutedOutput, put_back, restore_order, route_inputs
 from .compose.sites import HeadSite, LayerSite, Routing, plain_copy
-from .errors import AdapterFileError, AdapterNotFound, ConfigError, FingerprintMismatch, MergeError, TargetError
+from .errors import (
+    AdapterFileError,
+    AdapterHubWarning,
+    AdapterNotFound,
+    ConfigError,
+    FingerprintMismatch,
+    MergeError,
+    TargetError,
+)
 from .formats import adapter_file, peft
 from .formats.fingerprint import fingerprint as compute_fingerprint
 from .formats.record import AdapterRecord
@@ -132,6 +140,8 @@ class AdapterModel(nn.Module):
             raise ConfigError(f"adapter name {name!r} must be non-empty and hold no '.' or '/'")
         if name in self.adapters:
             raise ConfigError(f"an adapter named {name!r} already exists (delete_adapter it first)")
+        if self._merged is not None:  # a new layer would take the merged weights for the backbone's (DoRA's ‖W‖)
+            raise MergeError("adapters are merged into the backbone; unmerge() before adding another")
         if layer_specs is None:
             targets, heads = self.resolve_targets(config)
             specs: dict[str, Mapping[str, Any]] = {
@@ -149,6 +159,8 @@ class AdapterModel(nn.Module):
                 base, spec, use_rslora=config.use_rslora, dropout=config.dropout, init=config.init,
                 use_dora=config.use_dora,
             )
+        if layer_specs is None:  # a configuration's targets, not a file's layers (warned when it was made)
+            _warn_oversized(name, adapter, self.backbone)
         head_modules = dict(head_modules or {})
         for path in heads:
             original = self._module_for_layer(path)
@@ -363,6 +375,13 @@ class AdapterModel(nn.Module):
             r.keep_for_backward(sorted_out)  # checkpointed layers recompute with these rows in backward
             if isinstance(sorted_out, torch.Tensor):
                 return RoutedOutput(sorted_out, plan, dict(r.widths))
+            loss = sorted_out.get("loss") if isinstance(sorted_out, Mapping) else None
+            if loss is not None and len(set(r.widths.values())) > 1:
+                raise ConfigError(
+                    f"the model computed its own loss over heads of different widths {dict(r.widths)}, whose "
+                    "logits are zero-padded to the widest: call it without labels and take each task's loss from "
+                    "its own rows at its own width"
+                )
             return restore_order(sorted_out, plan.perm, batch, done=caches)
         finally:
             r.segments = None
@@ -514,3 +533,28 @@ def _close(pattern: str, names: Sequence[str]) -> str:
     if not close:
         close = [n for n in names if "." not in n][:4]
     return f"; close module names: {', '.join(close)}" if close else ""
+
+
+class OversizedDeltaWarning(AdapterHubWarning):
+    """Targets whose LoRA delta has more parameters than the layer it adapts: a depthwise conv gets rank
+    ⌈r/g⌉ = 1 per channel, so its delta holds C·k² + C parameters against the layer's C·k²."""
+
+
+def _warn_oversized(name: str, adapter: Adapter, backbone: nn.Module) -> None:
+    """One warning per adapter, with the numbers, when some of its deltas outgrow their layers (all parameters
+    of the LoRA layer against all of the base module's): such a layer is cheaper trained whole (in ``heads``)
+    and cheapest left out of the targets."""
+    over = []
+    for path, layer in adapter.layer_items():
+        delta = sum(p.numel() for p in layer.parameters())
+        base = sum(p.numel() for p in module_at(backbone, path).parameters())
+        if delta > base:
+            over.append((path, delta, base))
+    if over:
+        path, delta, base = over[0]
+        total, size = sum(o[1] for o in over), sum(o[2] for o in over)
+        warnings.warn(OversizedDeltaWarning(
+            f"adapter {name!r}: {len(over)} target layer(s) get a delta larger than the layer itself ({total:,} "
+            f"delta parameters against {size:,} in those layers; {path}: {delta:,} against {base:,}); leave them "
+            "out of the targets, or list them in heads to train them whole"
+        ), stacklevel=3)  # fmt: skip

@@ -249,6 +249,7 @@ def train_adapter(
     key: str | None = None,
     max_length: int | None = None,
     dora: bool = False,
+    head: str | None = None,
 ) -> Version | None:
     """Train TASK/ADAPTER on data over a registered backbone and register it, with its metrics; ``from_ref``
     starts from an existing version (``transferred_from`` another task, ``finetuned_from`` the same task),
@@ -262,10 +263,14 @@ def train_adapter(
     adapter (a magnitude per output channel, see LoRAConfig.use_dora); with ``from_ref`` the new version keeps
     its parent's kind.
 
+    An image backbone outside the catalogue (any torchvision.models name, or ``module:callable``) takes
+    ``targets``; its task head is ``head`` (a Linear or conv layer, replaced by a fresh one per adapter), else
+    the parent's, the catalogue's, or the model's last Linear when that is unambiguous
+    (:func:`adapter_hub.backbones.choose_head`; ``say`` reports it).
+
     Under torchrun every process trains its share of each batch; only rank 0 registers (the others
     return None). An interrupted run (Ctrl-C) raises TrainingInterrupted before anything is written."""
     import torch
-    from torch import nn
 
     from . import backbones, data, distributed, hf, text, training
     from .lora import LoRAConfig
@@ -291,7 +296,12 @@ def train_adapter(
     parent = hub.resolve(from_ref) if from_ref is not None else None
     if parent is not None and parent.fingerprint != record.fingerprint:
         raise ConfigError(f"--from {parent.ref} was made for backbone {parent.backbone!r}, not {backbone!r}")
+    head_path: str | None = None  # an image backbone's is chosen once the model is built
+    found: str | None = None  # how, when nobody named it
+    entry: backbones.Entry | None = None  # an image backbone's catalogue entry, if it has one
     if is_text:
+        if head is not None and head != hf.HEAD:
+            raise ConfigError(f"--head is for image backbones: a Transformers backbone's classifier is {hf.HEAD}")
         head_path = hf.HEAD
         positions = hf.max_positions((record.source or {})["hf"].get("config") or {})
         if max_length is not None and positions is not None and max_length > positions:
@@ -300,39 +310,60 @@ def train_adapter(
         if parent is None and not targets:
             targets = hf.default_targets(str((record.source or {})["hf"].get("model_type")))
     else:
-        entry = backbones.CATALOGUE.get((record.source or {}).get("architecture", ""))
-        if entry is None:
-            raise ConfigError(f"backbone {backbone!r} is not in the catalogue: pass --targets and use the Python API")
-        head_path = entry.head
-        targets = list(targets or entry.targets)
+        architecture = (record.source or {}).get("architecture")
+        entry = backbones.CATALOGUE.get(architecture) if isinstance(architecture, str) else None
+        if entry is None and parent is None and not targets:
+            raise ConfigError(f"backbone {backbone!r} ({architecture}) is not in the catalogue, so it has no default "
+                              "targets: pass --targets (module name patterns and/or classes, e.g. 'layer*.conv*' or "
+                              "Conv2d)")  # fmt: skip
+        targets = list(targets or (entry.targets if entry is not None else []))
     distributed.setup()
+    # the model is built before the data is read: the head and the targets are checked against it first
+    model = model_for(hub, record.name)
+    if parent is not None:
+        hub.load_into(model, parent.ref, name="parent")
+    if head_path is None:
+        inherited = [p for p, _ in model.adapters["parent"].head_items()] if parent is not None else []
+        head_path, found = backbones.choose_head(
+            model.backbone, given=head, default=entry.head if entry is not None else None, inherited=inherited,
+            num_classes=(record.source or {}).get("num_classes"),
+        )  # fmt: skip
+    config = LoRAConfig(r=rank, alpha=alpha, targets=list(targets or []), heads=[head_path], use_dora=dora)
+    if parent is None:
+        model.resolve_targets(config)  # a pattern that matches nothing: one line, before any data is read
     num_classes = (task_record.output or {}).get("num_classes")
     dataset: Any
     if is_text:
         tokens = text.Tokenization(tokenizer_for(hub, record.name), max_length)
-        dataset = text.load_text(data_dir, tokens, num_classes=num_classes)
+        if parent is not None and parent.task == task:  # the same task goes on: its classes, in its order
+            classes, _, width = text_settings(model, "parent")
+            dataset = text.load_text(data_dir, tokens, classes=classes, min_classes=1,
+                                     num_classes=None if classes else num_classes or width)  # fmt: skip
+        else:
+            dataset = text.load_text(data_dir, tokens, num_classes=num_classes)
     else:
         dataset = data.load_imagefolder(data_dir, num_classes=num_classes)
-    model = model_for(hub, record.name)
-    head = model.backbone.get_submodule(head_path)
+    head_module = backbones.head_layer(model.backbone, head_path)
     torch.manual_seed(seed)  # the new head and LoRA factors: the same seed gives the same version
-    new_head = nn.Linear(head.in_features, dataset.num_classes)
+    new_head = backbones.new_head(head_module, dataset.num_classes)
     parents = []
     metrics: dict[str, float] = {}
     if parent is not None:
-        hub.load_into(model, parent.ref, name="parent")
         training.transfer_init(model, "parent", "adapter", head_modules={head_path: new_head})
         relation = "finetuned_from" if parent.task == task else "transferred_from"
         parents.append((parent.ref, relation))
         model.activate("adapter")
         metrics["transfer/start_accuracy"] = training.evaluate(model, dataset.val)  # before any step here
     else:
-        config = LoRAConfig(r=rank, alpha=alpha, targets=list(targets), heads=[head_path], use_dora=dora)
         model.add_adapter("adapter", config, head_modules={head_path: new_head})
     if is_text:
         adapter = model.adapters["adapter"]
         adapter.metadata = {**adapter.metadata, "text": {"classes": dataset.classes, "max_length": max_length}}
     model.activate("adapter")
+    if not is_text:  # a head named inside the network is refused here, not as a traceback mid-training
+        backbones.check_head_output(model, dataset.train.x[:2], head_path, dataset.num_classes)
+    if found is not None and say is not None and distributed.is_main():
+        say(found)
     with training.interruptible():  # Ctrl-C anywhere before register leaves the registry as it was
         if say is not None and distributed.is_main():  # inside: a Ctrl-C right after the message is covered
             _, size = distributed.world()
@@ -345,8 +376,9 @@ def train_adapter(
         metrics.update({"val/accuracy": fit.best_accuracy, "test/accuracy": training.evaluate(model, dataset.test),
                         "train/steps": float(fit.steps), "train/best_step": float(fit.best_step)})  # fmt: skip
         if full:
-            baseline = training.full_finetune_copy(model.backbone, head_path, nn.Linear(head.in_features,
-                                                                                         dataset.num_classes))
+            baseline = training.full_finetune_copy(
+                model.backbone, head_path, backbones.new_head(head_module, dataset.num_classes)
+            )
             training.fit(baseline, dataset.train, dataset.val, epochs=epochs, lr=1e-3, seed=seed, progress=progress,
                          description=f"{output} full fine-tune")  # fmt: skip
             metrics["baseline/full_finetune_accuracy"] = training.evaluate(baseline, dataset.test)

@@ -80,7 +80,7 @@ def read_rows(path: str | Path, required: Sequence[str] = ("text", "label")) -> 
 
 
 def _csv(path: Path) -> tuple[list[str], list[Row]]:
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a byte-order mark (Excel) is dropped
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
             raise DataError(f"{path} is empty: a CSV file needs a header line (text,label)")
@@ -88,7 +88,12 @@ def _csv(path: Path) -> tuple[list[str], list[Row]]:
         rows = []
         try:
             for record in reader:
-                values = {k.strip(): v for k, v in record.items() if k is not None}
+                if None in record:  # DictReader keeps the fields beyond the header under None
+                    raise DataError(
+                        f"{path}:{reader.line_num}: {len(columns) + len(record[None])} fields for a header of "
+                        f"{len(columns)} (quote a text that holds commas)"
+                    )
+                values = {k.strip(): v for k, v in record.items()}
                 if all(blank(v) for v in values.values()):
                     continue  # a blank line
                 rows.append(Row(reader.line_num, values))
@@ -100,7 +105,7 @@ def _csv(path: Path) -> tuple[list[str], list[Row]]:
 def _jsonl(path: Path) -> tuple[list[str], list[Row]]:
     columns: dict[str, None] = {}
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

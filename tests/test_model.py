@@ -162,10 +162,16 @@ def test_merge_equals_unmerged_and_unmerge_is_bit_exact(x):
     with model.disable_adapters():
         bare = model(x)
     torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)  # re-merged after the block
+    with pytest.raises(MergeError, match="unmerge"):  # a new layer would read the merged weights as the base
+        model.add_adapter("b", LoRAConfig(r=2, targets=["fc"], use_dora=True))
+    assert list(model.adapters) == ["a"]
     model.unmerge()
     assert all(torch.equal(original[k], v) for k, v in bb.state_dict().items())
     with model.disable_adapters():
         assert torch.equal(model(x), bare)
+    model.add_adapter("b", LoRAConfig(r=2, targets=["fc"], use_dora=True))
+    model.activate("b")
+    assert torch.equal(model(x), bare), "a new DoRA adapter (m = ‖W‖ of the original W, B = 0) changes nothing"
 
 
 def test_bad_configurations_are_clear_errors():

@@ -3,6 +3,7 @@ batches, and one clear line for every bad file."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,7 @@ def test_labels_are_indices_names_or_refused(tmp_path: Path):
         ("a.csv", "text,y\nhello,1\n", "has no column label: it needs text, label (found: text, y)"),
         ("a.csv", "text,label\nhello,1\nbye,\n", "a.csv:3: no label"),
         ("a.csv", "text,label\nhello,1\n  ,0\n", "a.csv:3: the text is empty"),
+        ("a.csv", "text,label\nthe movie, was bad,neg\n", "a.csv:2: 3 fields for a header of 2 (quote a text"),
         ("a.jsonl", '{"text": "x", "label": 1}\n{"text": "y", "label": 0\n', "a.jsonl:2: not valid JSON"),
         ("a.jsonl", '{"text": "x", "label": 1}\n[1, 2]\n', "a.jsonl:2: expected a JSON object with text and label"),
         ("a.jsonl", '{"text": 5, "label": 1}\n', "a.jsonl:1: text must be a string, got 5"),
@@ -94,6 +96,18 @@ def test_a_bad_text_file_is_one_line(tmp_path: Path, tokens: text.Tokenization, 
     with pytest.raises(DataError) as info:
         text.load_text(path, tokens, num_classes=2 if "task has" in message else None)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_byte_order_mark_is_dropped_and_quoted_commas_are_text(tmp_path: Path, tokens: text.Tokenization):
+    rows = "".join(f'"well, {w}",{w}\n' for w in ("good", "bad", "fine", "poor", "great", "awful"))
+    (tmp_path / "a.csv").write_bytes(b"\xef\xbb\xbf" + f"text,label\n{rows}".encode())  # as Excel saves it
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(
+        json.dumps({"text": f"well, {w}", "label": w}) + "\n" for w in ("good", "bad", "fine", "poor", "great", "awful")
+    ).encode())  # fmt: skip
+    from_csv, from_jsonl = text.load_text(tmp_path / "a.csv", tokens), text.load_text(tmp_path / "a.jsonl", tokens)
+    assert sorted(from_csv.split("all").texts) == sorted(f"well, {w}" for w in ("good", "bad", "fine", "poor",
+                                                                              "great", "awful"))  # fmt: skip
+    assert from_csv.classes == from_jsonl.classes == sorted(["good", "bad", "fine", "poor", "great", "awful"])
 
 
 def test_a_file_that_is_not_utf8_and_a_folder_without_split_files(tmp_path: Path, tokens: text.Tokenization):

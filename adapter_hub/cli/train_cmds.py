@@ -16,7 +16,10 @@ from ._app import State, emit_json, key_option, pass_state
 @click.option("--from", "from_ref", help="Start from this version (transfer or continued fine-tuning).")
 @click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank, at least 1.")
 @click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA scale alpha/rank; above 0.")
-@click.option("--targets", help="Comma-separated target patterns (default: the backbone's catalogue entry).")
+@click.option("--targets", help="Comma-separated target patterns (default: the backbone's catalogue entry; "
+                                "required for any other architecture).")  # fmt: skip
+@click.option("--head", help="The module that outputs the classes, replaced per adapter (default: the catalogue's, "
+                             "else the model's last Linear).")  # fmt: skip
 @click.option("--epochs", type=int, default=5, show_default=True, help="At least 1.")
 @click.option("--lr", type=float, default=5e-3, show_default=True, help="Learning rate, above 0.")
 @click.option("--seed", type=int, default=0, show_default=True, help="0 to 2**63-1.")
@@ -26,9 +29,12 @@ from ._app import State, emit_json, key_option, pass_state
 @key_option
 @pass_state
 def train(state: State, output: str, backbone: str, data_dir: str, from_ref: str | None, rank: int, alpha: float,
-          targets: str | None, epochs: int, lr: float, seed: int, full: bool, max_length: int | None, dora: bool,
-          key: str | None) -> None:  # fmt: skip
+          targets: str | None, head: str | None, epochs: int, lr: float, seed: int, full: bool,
+          max_length: int | None, dora: bool, key: str | None) -> None:  # fmt: skip
     """Train a LoRA adapter for TASK on DATA over BACKBONE and register it as a new version.
+
+    A backbone outside the catalogue (any torchvision.models name or module:callable) needs --targets; its head
+    is --head, or its last Linear when that is unambiguous (said on stderr).
 
     Under `torchrun --nproc_per_node N` the batches are split across N processes; only rank 0 registers."""
     from ..pipelines import train_adapter
@@ -37,7 +43,7 @@ def train(state: State, output: str, backbone: str, data_dir: str, from_ref: str
         state.hub(), output, backbone=backbone, data_dir=data_dir, from_ref=from_ref, rank=rank, alpha=alpha,
         targets=targets.split(",") if targets else None, epochs=epochs, lr=lr, seed=seed, full=full,
         progress=not state.json, say=lambda line: click.echo(line, err=True), key=key, max_length=max_length,
-        dora=dora,
+        dora=dora, head=head,
     )  # fmt: skip
     if version is None:  # another process of a distributed run registered it
         return

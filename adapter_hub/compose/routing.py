@@ -99,7 +99,7 @@ def map_tensors(
 ) -> Any:
     """``obj`` with ``fn`` applied to every tensor inside it, keeping each container's type: tuples (named ones
     too), lists, dicts and other mappings (``UserDict`` such as ``BatchEncoding``, dataclass mappings such as
-    ``ModelOutput``). Anything else is returned as it is, or as ``leaf`` returns it."""
+    ``ModelOutput``) and dataclasses. Anything else is returned as it is, or as ``leaf`` returns it."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, tuple):
@@ -121,7 +121,42 @@ def map_tensors(
             return type(obj)(mapped)
         except TypeError:
             return mapped
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = [f.name for f in dataclasses.fields(obj) if f.init]
+        return dataclasses.replace(obj, **{f: map_tensors(getattr(obj, f), fn, leaf) for f in fields})
     return leaf(obj) if leaf is not None else obj
+
+
+def _opaque(obj: Any) -> str | None:
+    """The type name of an object that holds tensors where routing cannot reach them (an attribute of a plain
+    object, a dataclass field that its constructor does not take), else None."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        hidden = [f.name for f in dataclasses.fields(obj) if not f.init]
+        return type(obj).__name__ if any(isinstance(getattr(obj, f, None), torch.Tensor) for f in hidden) else None
+    attributes = getattr(obj, "__dict__", None)
+    plain = isinstance(attributes, dict) and not isinstance(obj, torch.nn.Module)
+    if plain and any(isinstance(v, torch.Tensor) for v in attributes.values()):
+        return type(obj).__name__
+    return None
+
+
+def _refuse_opaque(obj: Any, where: str) -> Any:
+    name = _opaque(obj)
+    if name is not None:
+        raise ConfigError(
+            f"a {name} in the {where} holds tensors that per-sample routing cannot reach (not a tensor, tuple, list, "
+            "mapping or dataclass): pass them as tensors, or run each adapter's rows in its own call"
+        )
+    return obj
+
+
+def _cache_rows(cache: Any) -> int | None:
+    """The batch size a key/value cache holds (None while it is empty)."""
+    for layer in getattr(cache, "layers", ()) or ():
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.dim() > 0:
+            return keys.shape[0]
+    return None
 
 
 def is_cache(obj: Any) -> bool:
@@ -160,19 +195,28 @@ def route_inputs(
             return t
         return t.index_select(0, perm.to(t.device))
 
-    def reorder(obj: Any) -> Any:
-        if is_cache(obj) and all(c is not obj for c in found):
-            obj.reorder_cache(perm.to(_device_of(obj, perm)))
-            found.append(obj)
-        return obj
+    def collect(obj: Any) -> Any:
+        if is_cache(obj):
+            if all(c is not obj for c in met):
+                met.append(obj)
+            return obj
+        return _refuse_opaque(obj, "inputs")
 
-    found: list[Any] = caches if caches is not None else []
-    routed_args = map_tensors(args, take, reorder)
-    routed_kwargs = {k: (v if k in unrouted else map_tensors(v, take, reorder)) for k, v in kwargs.items()}
+    met: list[Any] = []
+    routed_args = map_tensors(args, take, collect)
+    routed_kwargs = {k: (v if k in unrouted else map_tensors(v, take, collect)) for k, v in kwargs.items()}
     if batch not in seen:
         first = next((n for n in seen if n), None)
         size = f"a batch of {first} samples" if first is not None else "inputs that hold no tensor"
         raise ConfigError(f"route has {batch} entries for {size} (no input tensor has {batch} rows)")
+    for cache in met:  # every check before the first cache is touched
+        rows = _cache_rows(cache)
+        if rows is not None and rows != batch:
+            raise ConfigError(f"the key/value cache holds {rows} rows for a route of {batch}")
+    for cache in met:
+        cache.reorder_cache(perm.to(_device_of(cache, perm)))
+        if caches is not None:
+            caches.append(cache)
     return routed_args, routed_kwargs
 
 
@@ -188,11 +232,37 @@ def restore_order(obj: Any, perm: torch.Tensor, batch: int, done: Sequence[Any] 
         return t.index_select(0, inverse.to(t.device))
 
     def reorder(other: Any) -> Any:
-        if is_cache(other) and all(c is not other for c in done):
-            other.reorder_cache(inverse.to(_device_of(other, inverse)))
-        return other
+        if is_cache(other):
+            if all(c is not other for c in done):
+                other.reorder_cache(inverse.to(_device_of(other, inverse)))
+            return other
+        return _refuse_opaque(other, "outputs")
 
+    _refuse_per_sample_lists(obj, batch)
     return map_tensors(obj, back, reorder)
+
+
+def _refuse_per_sample_lists(obj: Any, batch: int) -> None:
+    """An output list or tuple with one non-tensor entry per sample (a dict per image, say) cannot be told from
+    one that has as many entries by chance, so it is refused rather than returned in sorted order."""
+    if isinstance(obj, (list, tuple)):
+        entries = len(obj) == batch and not any(isinstance(v, torch.Tensor) for v in obj)
+        if entries and any(_tensors_in(v) for v in obj):
+            raise ConfigError(
+                f"the backbone returns a sequence of {batch} entries that hold tensors, one per sample or not: "
+                "routing cannot tell which; return per-sample results as tensors with the batch as dimension 0"
+            )
+        for v in obj:
+            _refuse_per_sample_lists(v, batch)
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            _refuse_per_sample_lists(v, batch)
+
+
+def _tensors_in(obj: Any) -> bool:
+    found: list[bool] = []
+    map_tensors(obj, lambda t: found.append(True) or t)
+    return bool(found)
 
 
 def put_back(caches: Sequence[Any], perm: torch.Tensor) -> None:

@@ -78,7 +78,8 @@ class Routing:
         if self.switch and self.segments is None and self.enabled:
             raise ConfigError(
                 "a Switch is active but this forward carries no route: call the AdapterModel with "
-                "route=[adapter per sample], not its backbone"
+                "route=[adapter per sample], not its backbone (under activation checkpointing, take the loss from "
+                "the AdapterModel's outputs, not from a tensor captured inside the backbone)"
             )
         return self
 

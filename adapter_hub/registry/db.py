@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,17 +88,35 @@ def make_engine(url: str | URL, *, read_only: str | None = None) -> Engine:
     return engine
 
 
+def _use_wal(cursor: Any, timeout: float) -> None:
+    """Put the file in WAL mode (kept in the file: done once). Switching needs the file to itself, and SQLite
+    answers "database is locked" at once, without its busy wait, when another process opens the new file at
+    the same moment: so the switch is retried for up to the busy timeout."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _tune_sqlite(engine: Engine, *, wal: bool, timeout: float) -> None:
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we emit BEGIN ourselves, see _begin
         cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         if wal:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _use_wal(cursor, timeout)
             # WAL + NORMAL: a crash loses at most the last commits, never consistency. An artifact is
             # fsynced before its row commits, so a lost commit leaves an orphan blob, not a dangling row.
             cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

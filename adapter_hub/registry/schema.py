@@ -117,6 +117,9 @@ def migration_lock(engine: Engine) -> Iterator[Connection]:
             yield conn
             return
         with _file_lock(path.with_name(path.name + ".lock")):
+            # BEGIN IMMEDIATE: a migration's transaction reads first and then writes, and a read that turns
+            # into a write fails at once with "database is locked" while another process reads the file
+            conn.execution_options(adapter_hub_write=True)
             yield conn
 
 

@@ -116,6 +116,23 @@ def test_train_eval_predict_on_text_with_class_names(setup: tuple[Path, Path]):
     assert [(r["text"], r["label"], r["line"]) for r in printed] == [(t, y, str(i + 2)) for i, (t, y) in enumerate(new)]
 
 
+def test_continuing_a_task_keeps_its_classes_in_their_order(setup: tuple[Path, Path]):
+    """--from a version of the same task: the file's labels are read as that version's class names, so a file
+    that holds only some of them (or would sort them otherwise) neither drops a class nor renumbers one."""
+    home, root = setup
+    run(home, "train", "senti/c", "--backbone", "tb", "--data", str(root / "senti.csv"), "--epochs", "1")
+    only_pos = [(t, "pos") for t, _ in sentences(12, seed=4)]
+    write_csv(root / "pos.csv", only_pos)
+    run(home, "train", "senti/c", "--backbone", "tb", "--data", str(root / "pos.csv"), "--from", "senti/c:1",
+        "--epochs", "1")  # fmt: skip
+    model, _ = _loaded(home, "tb", {"c": "senti/c:2"})
+    assert model.adapters["c"].metadata["text"]["classes"] == ["neg", "pos"]
+    assert dict(model.adapters["c"].head_items())["classifier"].out_features == 2
+    write_csv(root / "other.csv", [(t, "meh") for t, _ in sentences(12, seed=5)])
+    refused(home, ["train", "senti/c", "--backbone", "tb", "--data", str(root / "other.csv"), "--from", "senti/c:1"],
+            "label 'meh' is not one of the classes ['neg', 'pos']")
+
+
 def test_from_records_lineage_and_a_mixed_file_is_routed_per_row(setup: tuple[Path, Path]):
     """GPT-2-like backbone: an adapter per task (names, indices), a transfer and a fine-tune with --from, and a
     predict over both tasks in one file whose rows are each routed to their task's version."""

@@ -4,6 +4,7 @@ alone with its adapter active (outputs and gradients)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import namedtuple
 from typing import Any
 
@@ -213,3 +214,91 @@ def test_a_layer_that_sees_the_batch_off_dimension_0_is_refused_naming_it() -> N
     model = _adapted(SeqFirst(), ["lin"])
     with pytest.raises(ConfigError, match="lin got 3 rows for a batch of 4"):
         model(torch.randn(4, 3, 6), route=ROUTE)
+
+
+@dataclasses.dataclass
+class Out:
+    logits: torch.Tensor
+    note: str = "plain dataclass, not a mapping"
+
+
+@dataclasses.dataclass
+class Extra:
+    scale: torch.Tensor
+
+
+class DataclassNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor, extra: Extra) -> Out:
+        return Out(self.lin(x) * extra.scale)
+
+
+def test_plain_dataclasses_in_and_out_travel_with_their_samples() -> None:
+    torch.manual_seed(3)
+    model = _adapted(DataclassNet(), ["lin"])
+    x, scale = torch.randn(4, 6), torch.randn(4, 1) * 10
+    out = model(x, extra=Extra(scale), route=ROUTE)
+    assert isinstance(out, Out) and out.note == "plain dataclass, not a mapping"
+    for i, name in enumerate(ROUTE):
+        alone = _alone(model, name, lambda i=i: model(x[i : i + 1], Extra(scale[i : i + 1])))
+        assert alone.logits.abs().max() > 1e-3
+        torch.testing.assert_close(out.logits[i], alone.logits[0])
+
+
+class Holder:  # tensors in a plain object's attributes: out of routing's reach
+    def __init__(self, scale: torch.Tensor) -> None:
+        self.scale = scale
+
+
+class HolderNet(DataclassNet):
+    def forward(self, x: torch.Tensor, holder: Holder) -> torch.Tensor:  # type: ignore[override]
+        return self.lin(x) * holder.scale
+
+
+class PerSampleListNet(DataclassNet):
+    def forward(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:  # type: ignore[override]
+        return [{"score": row.sum()} for row in self.lin(x)]  # one dict per sample, as detection models return
+
+
+def test_tensors_routing_cannot_reach_are_refused_not_left_in_sorted_order() -> None:
+    model = _adapted(HolderNet(), ["lin"])
+    with pytest.raises(ConfigError, match="a Holder in the inputs holds tensors"):
+        model(torch.randn(4, 6), holder=Holder(torch.randn(4, 1)), route=ROUTE)
+    model = _adapted(PerSampleListNet(), ["lin"])
+    with pytest.raises(ConfigError, match="a sequence of 4 entries that hold tensors"):
+        model(torch.randn(4, 6), route=ROUTE)
+
+
+def test_a_model_loss_over_heads_of_different_widths_is_refused() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=16, num_labels=5)  # fmt: skip
+    torch.manual_seed(0)
+    model = AdapterModel(transformers.BertForSequenceClassification(config).eval())
+    for name, width in (("a", 3), ("b", 5)):
+        model.add_adapter(name, LoRAConfig(r=2, targets=["*.query"], heads=["classifier"]),
+                          head_modules={"classifier": nn.Linear(8, width)})  # fmt: skip
+    model.activate(Switch("a", "b"))
+    ids, labels = torch.randint(1, 30, (4, 6)), torch.tensor([0, 1, 2, 1])
+    with pytest.raises(ConfigError, match="its own loss over heads of different widths"):
+        model(input_ids=ids, labels=labels, route=ROUTE)
+    out = model(input_ids=ids, route=ROUTE)  # without labels: logits, zero-padded to the widest head
+    assert out.logits.shape == (4, 5) and out.loss is None
+
+
+def test_a_cache_of_another_batch_size_is_refused_and_left_as_it_was() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)  # fmt: skip
+    model = _adapted(transformers.GPT2Model(config).eval(), ["*.attn.c_attn"])
+    with torch.no_grad():
+        cache = model(input_ids=torch.randint(1, 40, (4, 3)), use_cache=True, route=ROUTE).past_key_values
+        before = cache.layers[0].keys.clone()
+        for ids, route in ((torch.randint(1, 40, (4, 1)), ROUTE[:3]), (torch.randint(1, 40, (4, 1)), ROUTE + ["a"]),
+                           (torch.randint(1, 40, (2, 1)), ROUTE[:2])):  # fmt: skip
+            with pytest.raises(ConfigError, match="entries|rows for a route"):
+                model(input_ids=ids, past_key_values=cache, route=route)
+            assert torch.equal(cache.layers[0].keys, before), "a refused call leaves the cache as it was"

@@ -187,3 +187,34 @@ def test_sigkill_mid_register_leaves_no_dangling_version(tmp_path: Path, db_url:
         _vary(model, 42.0)
         assert hub.register(model, "a", task="t", name="crash").number == 2
         assert hub.verify() == []
+
+
+def _open_fresh(url: str, start: Any, errors: Any) -> None:
+    from adapter_hub.registry.db import make_engine
+
+    start.wait()
+    try:
+        with make_engine(url).connect().execution_options(adapter_hub_write=True) as conn:
+            conn.exec_driver_sql(f"CREATE TABLE IF NOT EXISTS t{os.getpid()} (x)")  # a write, as a migration's
+            time.sleep(0.05)
+            conn.commit()
+    except Exception as exc:  # reported to the parent, which names it
+        errors.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_opening_a_new_sqlite_file_at_once_wait_for_each_other(tmp_path: Path) -> None:
+    """Switching a new file to WAL needs it to itself, and SQLite answers 'database is locked' at once (no busy
+    wait) to a process doing it while another writes: the switch is retried, so no process fails."""
+    ctx = mp.get_context("fork")
+    errors = ctx.Queue()
+    for round_ in range(10):
+        url = f"sqlite:///{tmp_path / f'r{round_}.db'}"
+        start = ctx.Event()
+        procs = [ctx.Process(target=_open_fresh, args=(url, start, errors)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        start.set()
+        for p in procs:
+            p.join(60)
+        assert errors.empty(), errors.get()
+        assert sqlite3.connect(tmp_path / f"r{round_}.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
