@@ -505,9 +505,15 @@ class AdapterModel(nn.Module):
             warnings.warn(f"adapter {name!r}: {caveat}", peft.PeftCompatibilityWarning, stacklevel=2)
 
     def import_peft(self, directory: str | Path, name: str, *, adapter_name: str = "default") -> Adapter:
+        """Add the LoRA adapter of a PEFT directory as ``name``. When PEFT is known to compute it differently
+        (an nn.MultiheadAttention LoRA, PEFT <= 0.21: outputs seen in PEFT are not the ones here), a
+        ``PeftCompatibilityWarning`` says so in one line."""
         record = peft.import_peft(self.backbone, directory, adapter_name=adapter_name)
         # a PEFT directory names no backbone: finding every module it adapts in this one is the check
-        return self.add_adapter_from_record(name, record, force=True)
+        adapter = self.add_adapter_from_record(name, record, force=True)
+        for caveat in peft.peft_caveats(record):
+            warnings.warn(f"adapter {name!r}: {caveat}", peft.PeftCompatibilityWarning, stacklevel=2)
+        return adapter
 
 
 def _names(spec: str | Stack | Switch | None) -> tuple[str, ...]:
