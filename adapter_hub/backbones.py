@@ -174,6 +174,8 @@ def head_layer(model: nn.Module, path: str) -> nn.Module:
     Conv1d/2d/3d (SqueezeNet's 1×1 classifier). Anything else is refused in one line: a path that is not a
     module (with close names), a container without a weight of its own (with the layer inside it to name
     instead), another kind of layer."""
+    if not path.strip():
+        raise BackboneError("the head path is empty: name the layer that outputs the classes (e.g. fc)")
     try:
         layer = model.get_submodule(path)
     except AttributeError:
@@ -185,9 +187,12 @@ def head_layer(model: nn.Module, path: str) -> nn.Module:
         return layer
     if not isinstance(getattr(layer, "weight", None), torch.Tensor):
         inner = [p for p, m in layer.named_modules() if p and type(m) in _HEAD_TYPES]
-        hint = f", e.g. {path}.{inner[-1]}" if inner else ""
+        hint = f", e.g. {'.'.join(p for p in (path, inner[-1]) if p)}" if inner else ""
         raise BackboneError(f"head {path!r} is a {kind}, a module without a weight of its own: name the layer "
                             f"that outputs the classes{hint}")  # fmt: skip
+    groups = getattr(layer, "groups", 1)
+    if groups != 1:
+        kind = f"grouped {kind} (groups={groups})"
     raise BackboneError(f"head {path!r} is a {kind}: a head must be a Linear or an ungrouped Conv1d/2d/3d layer "
                         "whose outputs are the classes")  # fmt: skip
 
@@ -216,6 +221,8 @@ def check_head_output(model: AdapterModel, inputs: torch.Tensor, head: str, num_
     images are the problem (too small for its downsampling, say), and that is what the line says."""
     was_training = model.training
     model.eval()
+    called: list[bool] = []  # a head the forward never calls would train without changing any output
+    hook = model.backbone.get_submodule(head).register_forward_hook(lambda *_: called.append(True))
     try:
         with torch.no_grad():
             try:
@@ -231,7 +238,11 @@ def check_head_output(model: AdapterModel, inputs: torch.Tensor, head: str, num_
                 raise BackboneError(f"the backbone does not run with a {num_classes}-class head at {head} ({why}): "
                                     "the head must be the layer that outputs the classes") from None  # fmt: skip
     finally:
+        hook.remove()
         model.train(was_training)
+    if not called:
+        raise BackboneError(f"the backbone's forward never calls {head}: the head must be the layer that outputs "
+                            "the classes (pass --head PATH)")  # fmt: skip
     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     wanted = (len(inputs), num_classes)
     if shape != wanted:

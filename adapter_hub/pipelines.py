@@ -237,8 +237,8 @@ def train_adapter(
     backbone: str,
     data_dir: str,
     from_ref: str | None = None,
-    rank: int = 8,
-    alpha: float = 16.0,
+    rank: int | None = None,
+    alpha: float | None = None,
     targets: Sequence[str] | None = None,
     epochs: int = 5,
     lr: float = 5e-3,
@@ -277,8 +277,14 @@ def train_adapter(
 
     # every name, ref, number and path is checked before the data is read or a step is taken
     task, name = adapter_path(output, "train")
-    rank = checks.whole("rank", rank, low=1)
-    alpha = checks.number("alpha", alpha, above=0)
+    if from_ref is not None:  # the new version continues its parent's adapter: same layers, rank and kind
+        given = [flag for flag, value in (("--rank", rank), ("--alpha", alpha), ("--targets", targets),
+                                          ("--dora", dora or None)) if value is not None]  # fmt: skip
+        if given:
+            raise ConfigError(f"{', '.join(given)} make a new adapter; --from continues REF's own adapter (its "
+                              "targets, rank, alpha and kind): drop them, or train without --from")  # fmt: skip
+    rank = checks.whole("rank", 8 if rank is None else rank, low=1)
+    alpha = checks.number("alpha", 16.0 if alpha is None else alpha, above=0)
     epochs = checks.whole("epochs", epochs, low=1)
     lr = checks.number("lr", lr, above=0)
     seed = checks.seed(seed)
@@ -286,8 +292,6 @@ def train_adapter(
         max_length = checks.whole("max-length", max_length, low=1)
     if key is not None:
         check_key(key)
-    if dora and from_ref is not None:
-        raise ConfigError("--dora makes a new adapter; --from continues REF's own kind (LoRA or DoRA)")
     if not Path(data_dir).exists():  # before any registry lookup
         raise ConfigError(f"data {data_dir} does not exist")
     task_record = hub.task(task)

@@ -18,7 +18,7 @@ from . import distributed
 from .adapter import module_key
 from .compose.routing import map_tensors
 from .data import Split
-from .errors import AdapterHubError
+from .errors import AdapterHubError, ConfigError
 
 
 class TrainingInterrupted(AdapterHubError, RuntimeError):
@@ -88,7 +88,11 @@ def loss_sum(model: nn.Module, batch: tuple[Any, torch.Tensor]) -> torch.Tensor:
     """Σ over the batch's samples of the cross-entropy of ``model(inputs)`` against the labels; the inputs are
     passed as :func:`call` says."""
     inputs, y = batch
-    return F.cross_entropy(call(model, inputs), y, reduction="sum")
+    out = call(model, inputs)
+    if not isinstance(out, torch.Tensor):  # GoogLeNet / Inception v3 return their auxiliary logits in training
+        raise ConfigError(f"the model returns a {type(out).__name__} in training, not a tensor of logits: build it "
+                          "without auxiliary outputs (torchvision: aux_logits=False) or train it with your own loss")
+    return F.cross_entropy(out, y, reduction="sum")
 
 
 @torch.no_grad()

@@ -167,7 +167,7 @@ def test_head_layer_refuses_what_a_fresh_head_cannot_replace_and_new_head_keeps_
     with pytest.raises(BackboneError, match="'classifier' is a Sequential, a module without a weight .* classifier.1"):
         backbones.head_layer(squeezenet, "classifier")
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.BatchNorm2d(4))
-    for path, kind in (("0", "Conv2d"), ("1", "BatchNorm2d")):
+    for path, kind in (("0", r"grouped Conv2d \(groups=2\)"), ("1", "BatchNorm2d")):
         with pytest.raises(BackboneError, match=f"'{path}' is a {kind}: a head must be a Linear or an ungrouped"):
             backbones.head_layer(grouped, path)
     conv = torchvision.models.squeezenet1_1(num_classes=10).classifier[1]

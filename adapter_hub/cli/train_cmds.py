@@ -14,8 +14,8 @@ from ._app import State, emit_json, key_option, pass_state
 @click.option("--data", "data_dir", required=True, type=click.Path(),
               help="ImageFolder directory; for a Transformers backbone a .csv/.jsonl file (text,label).")  # fmt: skip
 @click.option("--from", "from_ref", help="Start from this version (transfer or continued fine-tuning).")
-@click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank, at least 1.")
-@click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA scale alpha/rank; above 0.")
+@click.option("--rank", type=int, help="LoRA rank, at least 1 (default 8; with --from, the parent's).")
+@click.option("--alpha", type=float, help="LoRA scale alpha/rank, above 0 (default 16; with --from, the parent's).")
 @click.option("--targets", help="Comma-separated target patterns (default: the backbone's catalogue entry; "
                                 "required for any other architecture).")  # fmt: skip
 @click.option("--head", help="The module that outputs the classes, replaced per adapter (default: the catalogue's, "
@@ -28,8 +28,8 @@ from ._app import State, emit_json, key_option, pass_state
 @click.option("--dora", is_flag=True, help="Train a DoRA adapter (a magnitude per output channel; PEFT's use_dora).")
 @key_option
 @pass_state
-def train(state: State, output: str, backbone: str, data_dir: str, from_ref: str | None, rank: int, alpha: float,
-          targets: str | None, head: str | None, epochs: int, lr: float, seed: int, full: bool,
+def train(state: State, output: str, backbone: str, data_dir: str, from_ref: str | None, rank: int | None,
+          alpha: float | None, targets: str | None, head: str | None, epochs: int, lr: float, seed: int, full: bool,
           max_length: int | None, dora: bool, key: str | None) -> None:  # fmt: skip
     """Train a LoRA adapter for TASK on DATA over BACKBONE and register it as a new version.
 

@@ -149,7 +149,10 @@ def test_train_then_transfer_then_eval_through_the_cli(tmp_path: Path):
     assert json.loads(evaluated.stdout)["accuracy"] == dora_accuracy
     both = cli(home, "train", "rot/z", "--backbone", "small", "--data", str(tmp_path / "rot"), "--dora", "--from",
                "rot/lora")  # fmt: skip
-    assert both.returncode == 1 and "--dora makes a new adapter" in both.stderr
+    assert both.returncode == 1 and "--dora make a new adapter; --from continues REF's own" in both.stderr
+    kept = cli(home, "train", "rot/z", "--backbone", "small", "--data", str(tmp_path / "rot"), "--from", "rot/lora",
+               "--rank", "2", "--targets", "nomatch")  # fmt: skip
+    assert kept.returncode == 1 and "--rank, --targets make a new adapter" in kept.stderr
 
     missing = cli(home, "train", "rot/x", "--backbone", "small", "--data", str(tmp_path / "nothing"))
     assert missing.returncode == 1 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
