@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from results_md import fmt, ratio, write_section
 from torch import nn
 
 from adapter_hub import AdapterModel, LoRAConfig, Switch
@@ -492,16 +493,6 @@ def judge(results: dict) -> dict:
     }
 
 
-def fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v * 1000:.1f} ms" if v < 10 else f"{v:.1f} s"
-    return str(v)
-
-
-def ratio(v) -> str:
-    return f"{v:.2f}×" if isinstance(v, float) else "—"
-
-
 def contention(env: dict) -> str:
     share = env.get("others_share")
     if share is None:
@@ -578,18 +569,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    path = HERE / "RESULTS.md"
-    start, end = "<!-- bert:start -->", "<!-- bert:end -->"
-    block = f"{start}\n{text}\n{end}"
-    current = path.read_text() if path.exists() else "# Benchmark results\n"
-    if start in current:
-        current = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, current, flags=re.S)
-    else:
-        current = current.rstrip() + "\n\n" + block + "\n"
-    path.write_text(current)
-
-
 NOTES = [
     "How it runs: in inference, on each adapted Linear one adapter computes `F.linear(x, [W; A], [b; 0])` in one "
     "call and adds s·B·(A·x) with one `addmm`; in training the base linear and A run apart (a stacked [W; A] would "
@@ -613,7 +592,7 @@ def main() -> None:
     if args.rewrite:
         results = json.loads((RESULTS / "bert.json").read_text())
         results["notes"] = NOTES
-        write_section(markdown(results))
+        write_section("bert", markdown(results))
         return
     torch.set_num_threads(args.threads)
     import peft
@@ -662,7 +641,7 @@ def main() -> None:
         return
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bert.json").write_text(json.dumps(results, indent=2, default=str))
-    write_section(text)
+    write_section("bert", text)
 
 
 if __name__ == "__main__":

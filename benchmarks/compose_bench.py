@@ -16,7 +16,6 @@ import io
 import itertools
 import json
 import platform
-import re
 import statistics
 import time
 import warnings
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from results_md import fmt, ratio, write_section
 from torch import nn
 
 from adapter_hub import AdapterModel, LoRAConfig, Switch
@@ -242,16 +242,6 @@ NOTES = [
 ]
 
 
-def fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v * 1000:.1f} ms" if v < 10 else f"{v:.1f} s"
-    return str(v)
-
-
-def ratio(v) -> str:
-    return f"{v:.2f}×" if isinstance(v, float) else "—"
-
-
 def markdown(results: dict) -> str:
     env = results["environment"]
     lines = [
@@ -360,22 +350,10 @@ def plot(results: dict) -> None:
     fig.savefig(RESULTS / "compose_mixed.png", dpi=110)
 
 
-def write_section(text: str) -> None:
-    path = HERE / "RESULTS.md"
-    start, end = "<!-- compose:start -->", "<!-- compose:end -->"
-    block = f"{start}\n{text}\n{end}"
-    current = path.read_text() if path.exists() else "# Benchmark results\n"
-    if start in current:
-        current = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, current, flags=re.S)
-    else:
-        current = current.rstrip() + "\n\n" + block + "\n"
-    path.write_text(current)
-
-
 def rewrite_from_json() -> None:
     """Regenerate the RESULTS.md section from results/compose.json without measuring again."""
     results = json.loads((RESULTS / "compose.json").read_text())
-    write_section(markdown(results))
+    write_section("compose", markdown(results))
 
 
 def main() -> None:
@@ -420,7 +398,7 @@ def main() -> None:
     (RESULTS / "compose.json").write_text(json.dumps(results, indent=2, default=str))
     text = markdown(results)
     print(text)
-    write_section(text)
+    write_section("compose", text)
     plot(results)
 
 

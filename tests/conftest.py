@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 PG_ENV = "ADAPTER_HUB_TEST_PG"
 
@@ -31,6 +32,15 @@ def _pg_unavailable() -> str | None:
     except Exception as exc:  # any failure to connect means: skip, saying why
         return f"PostgreSQL at {base} does not answer: {str(exc).splitlines()[0]}"
     return None
+
+
+@pytest.fixture
+def _float64() -> Iterator[None]:
+    """float64 as the default dtype inside the test (for modules whose references compare to 1e-10 or less)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bert_bench.py"
 
 @pytest.fixture(scope="module")
 def bench():
+    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling results_md, as when it runs
     spec = importlib.util.spec_from_file_location("bert_bench", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules["bert_bench"] = module  # dataclasses look their module up by name
@@ -31,6 +32,7 @@ def bench():
     finally:
         torch.set_num_threads(threads)
         sys.modules.pop("bert_bench", None)
+        sys.path.remove(str(SCRIPT.parent))
 
 
 def test_checks_pass_and_the_adapters_do_real_work(bench):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,16 +187,21 @@ class LayerSite(_Site):
                 d = delta(layer, x)
                 out = out.add_(d) if w == 1.0 else out.add_(d, alpha=w)
         if r.segments is not None:
-            if x.shape[0] != r.batch_size:
-                raise ConfigError(
-                    f"per-sample routing needs every adapted layer to keep the batch as dimension 0; "
-                    f"{self.path} got {x.shape[0]} rows for a batch of {r.batch_size}"
-                )
+            self._check_rows(x, r)
             for name, start, end in r.segments:
                 layer = self.layers.get(name) if name is not None else None
                 if layer is not None:
                     out[start:end] += delta(layer, x[start:end])
         return out
+
+    def _check_rows(self, x: torch.Tensor, r: Routing) -> None:
+        """The rows of a per-sample routing are slices of dimension 0: a layer that sees another layout would
+        give one sample's delta to another."""
+        if x.shape[0] != r.batch_size:
+            raise ConfigError(
+                f"per-sample routing needs every adapted layer to keep the batch as dimension 0; "
+                f"{self.path} got {x.shape[0]} rows for a batch of {r.batch_size}"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active():
@@ -260,11 +266,7 @@ class LayerSite(_Site):
                 if (layer := self.layers.get(name)) is not None:
                     out = out + delta(layer, w, slice(None))
         if r.segments is not None:
-            if x.shape[0] != r.batch_size:
-                raise ConfigError(
-                    f"per-sample routing needs every adapted layer to keep the batch as dimension 0; "
-                    f"{self.path} got {x.shape[0]} rows for a batch of {r.batch_size}"
-                )
+            self._check_rows(x, r)
             for name, start, end in r.segments:
                 layer = self.layers.get(name) if name is not None else None
                 if layer is not None:
@@ -303,23 +305,17 @@ class LayerSite(_Site):
         if r.segments is None:
             active = [(part(self.layers[n]), w) for n, w in r.weighted if n in self.layers]
             return self._fused(x, weight, bias, op, active, slot)
-        if x.shape[0] != r.batch_size:
-            raise ConfigError(
-                f"per-sample routing needs every adapted layer to keep the batch as dimension 0; "
-                f"{self.path} got {x.shape[0]} rows for a batch of {r.batch_size}"
-            )
+        self._check_rows(x, r)
         out = op(x, weight, bias)
         for name, start, end in r.segments:
             layer = self.layers.get(name) if name is not None else None
             if layer is None:
                 continue
             a_w, b_w, scale = part(layer)
-            a = op(x[start:end], a_w, None)
-            rows = out[start:end]
-            if op is F.linear:
-                rows.view(-1, rows.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]), b_w.t(), alpha=scale)
-            else:
-                rows.flatten(2).baddbmm_(b_w.expand(a.shape[0], *b_w.shape), a.flatten(2), alpha=scale)
+            linear = op is F.linear
+            rows = out[start:end]  # B·A⋆x is added into a view of its rows (flatten(2) of NCHW or NHWC is one)
+            rows = rows.view(-1, rows.shape[-1]) if linear else rows.flatten(2)
+            _add_b(rows, _flat(op(x[start:end], a_w, None), linear), b_w, scale, linear, inplace=True)
         return out
 
     def _fused(
@@ -337,34 +333,23 @@ class LayerSite(_Site):
         stacked [W; A] a weight gradient in full — a product as large as the layer's own — to keep A's rows."""
         if not active:
             return op(x, weight, bias)
+        linear = op is F.linear
         if torch.is_grad_enabled() and any(a_w.requires_grad for (a_w, _, _), _ in active):
             y = op(x, weight, bias)
-            linear = op is F.linear
-            out = y.reshape(-1, y.shape[-1]) if linear else y.flatten(2)
-            for (a_w, b_w, scale), w in active:
-                a = op(x, a_w, None)
-                if linear:
-                    out = torch.addmm(out, a.reshape(-1, a.shape[-1]), b_w.t(), alpha=w * scale)
-                else:
-                    out = torch.baddbmm(out, b_w.expand(a.shape[0], *b_w.shape), a.flatten(2), alpha=w * scale)
-            return out.view(y.shape)
-        w_all, b_all = self._stacked(slot, weight, bias, [p[0] for p, _ in active])
-        y = op(x, w_all, b_all)
-        out_features, offset = weight.shape[0], weight.shape[0]
-        linear = op is F.linear
-        flat = y.reshape(-1, y.shape[-1]) if linear else y.flatten(2)
-        result = flat[:, :out_features]
-        for (a_w, b_w, scale), w in active:
-            k = a_w.shape[0]
-            a = flat[:, offset : offset + k]
-            offset += k
-            if linear:
-                result = torch.addmm(result, a, b_w.t(), alpha=w * scale)
-            else:
-                result = torch.baddbmm(result, b_w.expand(a.shape[0], *b_w.shape), a, alpha=w * scale)
-        if linear:
-            return result.reshape(*y.shape[:-1], out_features)
-        return result.view(y.shape[0], out_features, *y.shape[2:])
+            result = _flat(y, linear)
+            parts = [_flat(op(x, a_w, None), linear) for (a_w, _, _), _ in active]
+        else:
+            w_all, b_all = self._stacked(slot, weight, bias, [p[0] for p, _ in active])
+            y = op(x, w_all, b_all)
+            flat = _flat(y, linear)
+            bounds = list(itertools.accumulate([weight.shape[0], *(a_w.shape[0] for (a_w, _, _), _ in active)]))
+            result = flat[:, : bounds[0]]
+            parts = [flat[:, lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+        for a, ((_, b_w, scale), w) in zip(parts, active):
+            result = _add_b(result, a, b_w, w * scale, linear)
+        out_features = weight.shape[0]
+        shape = (*y.shape[:-1], out_features) if linear else (y.shape[0], out_features, *y.shape[2:])
+        return result.reshape(shape)
 
     def _stacked(
         self, slot: str, weight: torch.Tensor, bias: torch.Tensor | None, a_weights: list[torch.Tensor]
@@ -426,6 +411,22 @@ class LayerSite(_Site):
         for pname, original in self._saved.items():
             self.module.get_parameter(pname).copy_(original)
         self._saved.clear()
+
+
+def _flat(t: torch.Tensor, linear: bool) -> torch.Tensor:
+    """A linear map's output as (rows, features), a conv's as (batch, channels, positions)."""
+    return t.reshape(-1, t.shape[-1]) if linear else t.flatten(2)
+
+
+def _add_b(
+    out: torch.Tensor, a: torch.Tensor, b_w: torch.Tensor, alpha: float, linear: bool, *, inplace: bool = False
+) -> torch.Tensor:
+    """out + alpha·B·a in one fused multiply-add, on :func:`_flat` tensors (``addmm`` for a linear map, a
+    batched ``baddbmm`` for a conv's positions); ``inplace`` adds into ``out`` itself."""
+    if linear:
+        return out.addmm_(a, b_w.t(), alpha=alpha) if inplace else torch.addmm(out, a, b_w.t(), alpha=alpha)
+    b = b_w.expand(a.shape[0], *b_w.shape)
+    return out.baddbmm_(b, a, alpha=alpha) if inplace else torch.baddbmm(out, b, a, alpha=alpha)
 
 
 def _call_layer(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:

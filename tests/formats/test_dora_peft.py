@@ -26,14 +26,6 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("_float64")
 
 
-@pytest.fixture
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 class Net(nn.Module):
     """Conv2d → Conv1d over the rows → Linear, and a GPT-2-style transformers Conv1D (weight stored (in, out))."""
 

@@ -24,14 +24,6 @@ from adapter_hub.lora import LoRAConfigError, LoRAConv2d, LoRALinear, LoRAMultih
 pytestmark = pytest.mark.usefixtures("_float64")
 
 
-@pytest.fixture
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def randomize(module: nn.Module, seed: int) -> None:
     """Every LoRA tensor N(0, 0.3²) — B non-zero — and the magnitude away from ‖W‖ (so it really scales)."""
     g = torch.Generator().manual_seed(seed)

@@ -34,14 +34,6 @@ from adapter_hub.lora import (
 pytestmark = pytest.mark.usefixtures("_float64")
 
 
-@pytest.fixture
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def randomize(layer: nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
