@@ -31,13 +31,15 @@ def module_path(key: str) -> str:
 
 
 class Adapter(nn.Module):
-    """One adapter's trainable state: a LoRA layer per adapted module and a copy of each head."""
+    """One adapter's trainable state: a LoRA layer per adapted module, a copy of each head, and a copy of
+    each normalisation layer it owns (``LoRAConfig.norm_layers``)."""
 
     def __init__(self, config: LoRAConfig) -> None:
         super().__init__()
         self.config = config
         self.layers = nn.ModuleDict()
         self.heads = nn.ModuleDict()
+        self.norms = nn.ModuleDict()
         self.metadata: dict[str, Any] = {}
 
     def layer_items(self) -> Iterator[tuple[str, LoRALayer]]:
@@ -48,6 +50,16 @@ class Adapter(nn.Module):
         for key, head in self.heads.items():
             yield module_path(key), head
 
+    def norm_items(self) -> Iterator[tuple[str, nn.Module]]:
+        for key, norm in self.norms.items():
+            yield module_path(key), norm
+
+    def module_items(self) -> Iterator[tuple[str, nn.Module]]:
+        """Every module the adapter holds under its backbone path: layers, heads, norms."""
+        yield from self.layer_items()
+        yield from self.head_items()
+        yield from self.norm_items()
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -55,7 +67,7 @@ class Adapter(nn.Module):
         """Every tensor under its file key ``<module path>.<state key>``, detached, on the CPU and
         contiguous. Without ``copy`` a tensor already on the CPU is the adapter's own, not a copy."""
         out: dict[str, torch.Tensor] = {}
-        for path, module in [*self.layer_items(), *self.head_items()]:
+        for path, module in self.module_items():
             for key, t in module.state_dict().items():
                 out[f"{path}.{key}"] = t.detach().to("cpu", copy=copy).contiguous()
         return out

@@ -1,7 +1,7 @@
 """Backbones: the catalogue of torchvision models with sensible LoRA targets, where a new adapter's task head
 goes on any other model, building a recorded source (a catalogue or torchvision name, module:callable behind a
-trust gate, or a Transformers directory through adapter_hub.hf), loading weights, and rebuilding a record
-under its fingerprint."""
+trust gate, or a Transformers directory through adapter_hub.hf), loading weights, rebuilding a record
+under its fingerprint, and the input transform (size, mean, std) an image backbone records."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ import torch
 from torch import nn
 
 from . import checks, hf
-from .errors import BackboneError, UntrustedFactory, first_line
+from .data import ImageInputs
+from .errors import BackboneError, ConfigError, UntrustedFactory, first_line
 
 if TYPE_CHECKING:
     from .model import AdapterModel
+    from .registry.records import Backbone
 
 
 @dataclass(frozen=True)
@@ -45,13 +47,18 @@ def resnet_small(num_classes: int = 10, blocks: tuple[int, int, int, int] = (1, 
     return model
 
 
-def vit_small(num_classes: int = 10, image_size: int = 8, patch_size: int = 2) -> nn.Module:
-    """A torchvision VisionTransformer for 8–32 px inputs (4 layers, width 64)."""
+def vit_small(
+    num_classes: int = 10, image_size: int = 16, patch_size: int = 4, hidden_dim: int = 128, mlp_dim: int = 512
+) -> nn.Module:
+    """A torchvision VisionTransformer for small images: 16 px in 4×4 patches (16 tokens and the class token),
+    4 layers of width 128 with 4 heads and an MLP of 512 (0.8 M parameters). The demo resizes its 8 px digits
+    to 16 px on the data side (recorded with the backbone as its ``inputs``); 16 px patches of 4 see the same
+    4×4 grid as 8 px patches of 2 at the same cost, and leave room for sub-pixel augmentation."""
     from torchvision.models import VisionTransformer
 
     return VisionTransformer(
-        image_size=image_size, patch_size=patch_size, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128,
-        num_classes=num_classes,
+        image_size=image_size, patch_size=patch_size, num_layers=4, num_heads=4, hidden_dim=hidden_dim,
+        mlp_dim=mlp_dim, num_classes=num_classes,
     )  # fmt: skip
 
 
@@ -440,3 +447,93 @@ def rebuild(name: str, source: dict[str, Any] | None, fingerprint: str, *, trust
             f"not the recorded {fingerprint[:12]}…"
         )
     return model
+
+
+# -- the input transform an image backbone records ---------------------------------------------------------
+
+INPUTS_KEY = "inputs"  # a backbone source's entry: ImageInputs.to_json(); absent: images go in as they are
+
+
+def weights_inputs(architecture: str, weights: str) -> ImageInputs:
+    """The input transform of torchvision weights ``weights`` (``DEFAULT``, ``IMAGENET1K_V1`` or
+    ``ResNet18_Weights.IMAGENET1K_V1``) of ``architecture``, read off the weights enum's ``transforms()``:
+    ``crop_size`` (size), ``resize_size`` (resize), ``interpolation``, ``mean`` and ``std``. Only the enum's
+    metadata is read: nothing is downloaded. Unknown weights, or a transform that is not an image
+    classifier's (video, segmentation), are one BackboneError line."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(architecture)
+    except (ValueError, KeyError, AttributeError):  # not a torchvision.models name
+        raise BackboneError(f"torchvision weights are for a torchvision.models architecture, not {architecture!r}"
+                            ) from None  # fmt: skip
+    try:
+        chosen = enum.verify(weights)
+    except (KeyError, ValueError, TypeError):
+        names = ", ".join(["DEFAULT", *enum.__members__])
+        raise BackboneError(f"{architecture} has no torchvision weights {weights!r} (its weights: {names})") from None
+    if chosen is None:
+        raise BackboneError(f"name the torchvision weights of {architecture} (e.g. DEFAULT)")
+    preset = chosen.transforms()
+    crop, resize = getattr(preset, "crop_size", None), getattr(preset, "resize_size", None)
+    mean, std = getattr(preset, "mean", None), getattr(preset, "std", None)
+    if not crop or not resize or mean is None or std is None:
+        raise BackboneError(f"the transform of {chosen} ({type(preset).__name__}) is not an image classifier's: "
+                            "give the image size, mean and std yourself")  # fmt: skip
+    mode = getattr(getattr(preset, "interpolation", None), "value", None)
+    try:
+        return ImageInputs.of(crop[0], mean, std, resize=resize[0], interpolation=mode)
+    except ConfigError as exc:
+        raise BackboneError(f"the transform of {chosen}: {exc}") from None
+
+
+def choose_inputs(
+    source: dict[str, Any],
+    *,
+    image_size: int | None = None,
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+) -> ImageInputs:
+    """The input transform to record with an image backbone built from ``source``: its torchvision weights'
+    (when ``torchvision_weights`` names some, see :func:`weights_inputs`), with each value given here in
+    place of theirs. ``image_size`` S resizes the shorter side to S and crops S×S (the whole image, not
+    torchvision's 256→224 margin); ``mean``/``std`` are three numbers or one for all channels. Empty
+    (nothing recorded, images taken as they are) when neither weights nor values are given. The values are
+    checked (:meth:`ImageInputs.of`) before the weights are looked up."""
+    named = source.get("torchvision_weights")
+    if not named:
+        return ImageInputs.of(image_size, mean, std)
+    # the given values first (the weights may hold the other of mean/std: 0 and 1 stand in for it)
+    ImageInputs.of(image_size, 0.0 if mean is None else mean, 1.0 if std is None else std)
+    base = weights_inputs(str(source.get("architecture")), named)
+    return ImageInputs.of(
+        image_size if image_size is not None else base.size,
+        mean if mean is not None else base.mean,
+        std if std is not None else base.std,
+        resize=None if image_size is not None else base.resize,
+        interpolation=base.interpolation,
+    )
+
+
+def with_inputs(source: dict[str, Any], inputs: ImageInputs) -> dict[str, Any]:
+    """``source`` with ``inputs`` recorded under :data:`INPUTS_KEY`; ``source`` unchanged when they are
+    empty, so that a backbone recorded without them reads as it always did."""
+    return source if inputs.empty else {**source, INPUTS_KEY: inputs.to_json()}
+
+
+def recorded_inputs(backbone: Backbone | dict[str, Any] | None) -> ImageInputs:
+    """The input transform recorded with a registered backbone (its record, or the record's source): empty
+    when it records none. A malformed entry is one BackboneError line."""
+    source = getattr(backbone, "source", backbone)
+    name = getattr(backbone, "name", None)
+    try:
+        return ImageInputs.from_json((source or {}).get(INPUTS_KEY))
+    except ConfigError as exc:
+        whose = f"backbone {name!r}" if name else "the backbone"
+        raise BackboneError(f"{whose} records inputs that do not hold: {exc}") from None
+
+
+def image_transform_for(backbone: Backbone | dict[str, Any] | None) -> Callable[[Any], torch.Tensor]:
+    """PIL image -> tensor as a registered backbone expects it (:func:`recorded_inputs`); for a backbone
+    without recorded inputs, RGB values in [0, 1] at the image's own size."""
+    return recorded_inputs(backbone).transform()

@@ -12,9 +12,11 @@ unevenly). Only the rank-0 process writes to the registry.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
+
+from .errors import ConfigError
 
 
 def _dist():
@@ -95,6 +97,23 @@ def broadcast_parameters(params: Sequence[torch.nn.Parameter]) -> None:
         for p in params:
             p.copy_(flat[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
+
+
+def refuse_batch_statistics(modules: Iterable[tuple[str, torch.nn.Module]]) -> None:
+    """Refuse to train in more than one process when one of ``modules`` (an adapter's own norms and heads) is
+    a BatchNorm in training mode: each process would normalise its rows with their own batch statistics, so
+    N processes would not train what one process trains on the same global batches. Every process makes the
+    same check before the first step, so all of them stop."""
+    _, size = world()
+    if size == 1:
+        return
+    for path, module in modules:
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ConfigError(
+                f"the adapter owns the BatchNorm {path}, whose batch statistics each of the {size} processes would "
+                "take over its own rows only (not what one process trains): train in one process, or with "
+                "norm_layers='frozen' (train --norm-layers frozen)"
+            )
 
 
 def barrier() -> None:

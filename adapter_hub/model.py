@@ -31,7 +31,7 @@ from .errors import (
 from .formats import adapter_file, peft
 from .formats.fingerprint import fingerprint as compute_fingerprint
 from .formats.record import AdapterRecord
-from .lora import LoRAConfig, lora_class_for, matches
+from .lora import LoRAConfig, is_norm, lora_class_for, matches
 
 __all__ = ["Adapter", "AdapterModel"]
 
@@ -42,7 +42,8 @@ class AdapterModel(nn.Module):
     Every backbone parameter is frozen when wrapped; the backbone's module classes, parameter names
     and state dict stay as they are (deltas attach by taking over the adapted modules' forward).
     In training mode the backbone's batch-norm layers stay in eval mode, so the shared backbone's
-    running statistics never move under one task's data.
+    running statistics never move under one task's data; an adapter that owns its norms
+    (``LoRAConfig.norm_layers``) trains and updates its own copies instead.
     """
 
     def __init__(self, backbone: nn.Module) -> None:
@@ -79,6 +80,12 @@ class AdapterModel(nn.Module):
     # --- building adapters ---------------------------------------------------------------------
     def resolve_targets(self, config: LoRAConfig) -> tuple[list[str], list[str]]:
         """The module paths that get deltas and those that are heads, for this backbone."""
+        targets, heads, _ = self.resolve(config)
+        return targets, heads
+
+    def resolve(self, config: LoRAConfig) -> tuple[list[str], list[str], list[str]]:
+        """The module paths that get deltas, those that are heads and the normalisation layers the adapter
+        owns (every norm of ``config.norm_layers``' kind outside the heads), for this backbone."""
         named = [(p, m) for p, m in self.backbone.named_modules() if p]
         names = [p for p, _ in named]
         heads: list[str] = []
@@ -117,9 +124,10 @@ class AdapterModel(nn.Module):
                     "transformers' Conv1D"
                 )
             targets += [p for p in usable if p not in targets]
-        if not targets and not heads:
+        norms = [p for p, m in named if is_norm(m, config.norm_layers) and p not in heads and not _under_any(p, heads)]
+        if not targets and not heads and not norms:
             raise TargetError("the configuration adapts nothing: give targets and/or heads")
-        return targets, heads
+        return targets, heads, norms
 
     def add_adapter(
         self,
@@ -128,12 +136,14 @@ class AdapterModel(nn.Module):
         *,
         head_modules: Mapping[str, nn.Module] | None = None,
         layer_specs: Mapping[str, Mapping[str, Any]] | None = None,
+        norm_paths: Sequence[str] | None = None,
     ) -> Adapter:
-        """Add a new adapter: a LoRA layer on each target module and a trainable copy of each head.
+        """Add a new adapter: a LoRA layer on each target module, a trainable copy of each head and of each
+        normalisation layer it owns (``config.norm_layers``).
 
         ``head_modules`` replaces the copy of a head with a module of your own (e.g. a classifier
-        with another number of classes). ``layer_specs`` fixes each layer's r/alpha/rank/a_groups, as
-        stored in an adapter file; by default they follow ``config``.
+        with another number of classes). ``layer_specs`` fixes each layer's r/alpha/rank/a_groups and
+        ``norm_paths`` the norms it owns, as stored in an adapter file; by default they follow ``config``.
         """
         config = config or LoRAConfig()
         if not name or "." in name or SEP in name:
@@ -143,12 +153,12 @@ class AdapterModel(nn.Module):
         if self._merged is not None:  # a new layer would take the merged weights for the backbone's (DoRA's ‖W‖)
             raise MergeError("adapters are merged into the backbone; unmerge() before adding another")
         if layer_specs is None:
-            targets, heads = self.resolve_targets(config)
+            targets, heads, norms = self.resolve(config)
             specs: dict[str, Mapping[str, Any]] = {
                 p: {"r": config.rank_for(p), "alpha": config.alpha_for(p)} for p in targets
             }
         else:
-            specs, heads = dict(layer_specs), list(config.heads)
+            specs, heads, norms = dict(layer_specs), list(config.heads), list(norm_paths or [])
         adapter = Adapter(config)
         for path, spec in specs.items():
             base = self._module_for_layer(path)
@@ -170,12 +180,17 @@ class AdapterModel(nn.Module):
             adapter.heads[module_key(path)] = head
         if head_modules:
             raise TargetError(f"head_modules names {sorted(head_modules)} which are not heads of this config")
+        for path in norms:
+            norm = plain_copy(self._module_for_layer(path))  # starts from the backbone's statistics
+            adapter.norms[module_key(path)] = norm
         adapter.to(next(iter(self.backbone.parameters()), torch.empty(0)).device)
         self.adapters[name] = adapter
         for path, layer in adapter.layer_items():
             self._site(path).add(name, layer)
         for path, head in adapter.head_items():
             self._head_site(path).add(name, head)
+        for path, norm in adapter.norm_items():  # a module may be one adapter's head and another's norm
+            self._head_site(path).add(name, norm)
         adapter.requires_grad_(False)
         adapter.train(self.training)
         return adapter
@@ -203,6 +218,8 @@ class AdapterModel(nn.Module):
             self._sites[path].remove(name)
         for path, _ in adapter.head_items():
             self._head_sites[path].remove(name)
+        for path, _ in adapter.norm_items():
+            self._head_sites[path].remove(name)
         del self.adapters[name]
         if self._active is not None and name in _names(self._active):
             self.activate(None)
@@ -226,13 +243,14 @@ class AdapterModel(nn.Module):
 
     # --- records: an adapter as plain data, for the file codecs --------------------------------
     def export_record(self, name: str) -> AdapterRecord:
-        """A snapshot of adapter ``name``: config, layer specs, head paths, tensors (CPU copies under
+        """A snapshot of adapter ``name``: config, layer specs, head and norm paths, tensors (CPU copies under
         their file keys), metadata and this backbone's fingerprint."""
         adapter = self._require(name)
         return AdapterRecord(
             config=copy.deepcopy(adapter.config),
             layers={p: m.spec() for p, m in adapter.layer_items()},
             heads=[p for p, _ in adapter.head_items()],
+            norms=[p for p, _ in adapter.norm_items()],
             tensors=adapter.state_tensors(copy=True),
             metadata=copy.deepcopy(adapter.metadata),
             fingerprint=self.fingerprint,
@@ -254,7 +272,9 @@ class AdapterModel(nn.Module):
         config.heads = list(record.heads)  # the paths the heads were found at, not the patterns
         tensors = record.tensors
         head_modules = {p: head_from_tensors(self._module_for_layer(p), p, tensors, source) for p in config.heads}
-        adapter = self.add_adapter(name, config, head_modules=head_modules, layer_specs=record.layers)
+        adapter = self.add_adapter(
+            name, config, head_modules=head_modules, layer_specs=record.layers, norm_paths=record.norms
+        )
         try:
             expected = adapter.state_tensors()
             missing = sorted(set(expected) - set(tensors))
@@ -267,7 +287,7 @@ class AdapterModel(nn.Module):
                 got, want = tuple(tensors[key].shape), tuple(expected[key].shape)
                 if got != want:
                     raise AdapterFileError(f"{source}: key {key} has shape {got}, expected {want}")
-            for path, module in [*adapter.layer_items(), *adapter.head_items()]:
+            for path, module in adapter.module_items():
                 prefix = path + "."
                 own = module.state_dict()
                 module.load_state_dict({k[len(prefix) :]: t for k, t in tensors.items()
@@ -319,7 +339,10 @@ class AdapterModel(nn.Module):
             if stack.head:
                 self._require(stack.head)
             return stack.head or None
-        return next((n for n in stack.names if len(self.adapters[n].heads)), None)
+        # with no head to run, the norms go with the first stacked adapter that owns some
+        return next((n for n in stack.names if len(self.adapters[n].heads)), None) or next(
+            (n for n in stack.names if len(self.adapters[n].norms)), None
+        )
 
     @contextmanager
     def disable_adapters(self) -> Iterator[None]:
@@ -453,7 +476,9 @@ class AdapterModel(nn.Module):
         ``sign="total"|"frequency"``), ``dare_linear`` / ``dare_ties`` (``density``, ``seed``),
         ``magnitude_prune`` (``density``); the dense methods are factorised back to ``rank``
         (default Σrᵢ). Weights default to 1/n. Heads are averaged with the weights normalised to sum 1,
-        or taken from ``head="<adapter>"`` (``head=""``: none). The recipe and the relative Frobenius
+        or taken from ``head="<adapter>"`` (``head=""``: none). Norms owned by the sources are
+        averaged the same way — affine parameters and running mean and variance — or taken from
+        ``norms="<adapter>"`` (``norms=""``: the backbone's). The recipe and the relative Frobenius
         error of each truncation are in ``adapter.metadata["recipe"]``.
         """
         sources = [(n, self._require(n)) for n in names]
@@ -469,17 +494,19 @@ class AdapterModel(nn.Module):
         return sum(p.numel() for p in self.backbone.parameters())
 
     def num_trainable_parameters(self, name: str) -> int:
-        """Parameters trained for this adapter: its LoRA factors plus its heads."""
+        """Parameters trained for this adapter: its LoRA factors, heads and norms."""
         return self._require(name).num_parameters()
 
     def parameter_counts(self) -> dict[str, dict[str, float]]:
-        """Per adapter: LoRA parameters, head parameters, total and share of the backbone's."""
+        """Per adapter: LoRA, head and norm parameters, total and share of the backbone's."""
         backbone = self.num_backbone_parameters()
         out = {}
         for name, adapter in self.adapters.items():
             lora = sum(p.numel() for p in adapter.layers.parameters())
             heads = sum(p.numel() for p in adapter.heads.parameters())
-            out[name] = {"lora": lora, "heads": heads, "total": lora + heads, "share": (lora + heads) / backbone}
+            norms = sum(p.numel() for p in adapter.norms.parameters())
+            total = lora + heads + norms
+            out[name] = {"lora": lora, "heads": heads, "norms": norms, "total": total, "share": total / backbone}
         return out
 
     # --- files ---------------------------------------------------------------------------------

@@ -105,9 +105,12 @@ def compose_refs(
     head: str | None = None,
     seed: int = 0,
     key: str | None = None,
+    norms: str | None = None,
 ) -> Version:
     """Combine registered versions into a new registered version ``output`` (TASK/ADAPTER), with a
-    ``composed_from`` edge to each source carrying its weight, the method and its parameters."""
+    ``composed_from`` edge to each source carrying its weight, the method and its parameters. ``head`` and
+    ``norms`` name the version whose head / normalisation layers the result keeps ("" for none); by default
+    they are averaged (see AdapterModel.combine)."""
     # everything a user gave is checked before any backbone is rebuilt or adapter combined
     task, name = adapter_path(output, "-o")
     hub.task(task)
@@ -124,19 +127,15 @@ def compose_refs(
         check_key(key)
     versions = [hub.resolve(ref) for ref in refs]
     names = [f"source{i}" for i in range(len(versions))]
-    head_name = head
-    if head:
-        wanted, refs_in = hub.resolve(head).ref, [v.ref for v in versions]
-        if wanted not in refs_in:
-            raise ConfigError(f"--head {head} is not one of the composed versions")
-        head_name = names[refs_in.index(wanted)]
+    head_name, norms_name = (_source_name(hub, versions, names, flag, ref)
+                             for flag, ref in (("--head", head), ("--norms", norms)))  # fmt: skip
     fingerprints = {v.fingerprint for v in versions}
     if len(fingerprints) > 1:
         raise ConfigError("the versions were made for different backbones; they cannot be combined")
     model = model_for(hub, versions[0])
     for version, local in zip(versions, names):
         hub.load_into(model, version.ref, name=local)
-    params = {"density": density, "rank": rank, "seed": seed, "head": head_name}
+    params = {"density": density, "rank": rank, "seed": seed, "head": head_name, "norms": norms_name}
     combined = model.combine("combined", names, weights, method, **{k: v for k, v in params.items() if v is not None})
     # a text classifier's class names and max_length go with its head: the chosen one's, or the one all share
     texts = [model.adapters[n].metadata.get("text") for n in names]
@@ -151,6 +150,54 @@ def compose_refs(
     return hub.register(model, "combined", task=task, name=name, parents=parents,
                         metrics={"compose/rel_error": recipe["rel_error"]},
                         description=f"{method} of {', '.join(v.ref for v in versions)}", key=key)  # fmt: skip
+
+
+def _source_name(hub: Hub, versions: Sequence[Version], names: Sequence[str], flag: str, ref: str | None) -> str | None:
+    """The local name of the composed version ``ref`` names ("" and None as given)."""
+    if not ref:
+        return ref
+    wanted, refs_in = hub.resolve(ref).ref, [v.ref for v in versions]
+    if wanted not in refs_in:
+        raise ConfigError(f"{flag} {ref} is not one of the composed versions")
+    return names[refs_in.index(wanted)]
+
+
+def add_image_backbone(
+    hub: Hub,
+    name: str,
+    architecture: str,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    torchvision_weights: str | None = None,
+    seed: int = 0,
+    num_classes: int | None = None,
+    image_size: int | None = None,
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+    description: str | None = None,
+) -> Backbone:
+    """Register image backbone ``name`` built from ``architecture`` (a catalogue or torchvision.models name,
+    or ``module:callable``), with local ``weights`` or torchvision's ``torchvision_weights`` (downloaded by
+    torchvision where there is internet), and the input transform of :func:`choose_inputs` recorded in its
+    source. Every value is checked before the backbone is built; nothing is registered on a refusal."""
+    from .backbones import build_backbone, choose_inputs, with_inputs
+
+    check_name("backbone", name)
+    seed = checks.seed(seed)
+    if weights is not None and torchvision_weights is not None:
+        raise ConfigError("give local weights or torchvision weights, not both")
+    source: dict[str, Any] = {
+        "architecture": architecture,
+        "weights": str(Path(weights).resolve()) if weights else None,
+        "seed": seed,
+        "num_classes": num_classes,
+    }
+    if torchvision_weights is not None:
+        source["torchvision_weights"] = torchvision_weights
+    inputs = choose_inputs(source, image_size=image_size, mean=mean, std=std)
+    module = build_backbone(source)
+    return hub.add_backbone(name, module, architecture=architecture, source=with_inputs(source, inputs),
+                            description=description)  # fmt: skip
 
 
 def add_transformers_backbone(
@@ -241,7 +288,7 @@ def train_adapter(
     alpha: float | None = None,
     targets: Sequence[str] | None = None,
     epochs: int = 5,
-    lr: float = 5e-3,
+    lr: float | None = None,
     seed: int = 0,
     full: bool = False,
     progress: bool = True,
@@ -250,6 +297,7 @@ def train_adapter(
     max_length: int | None = None,
     dora: bool = False,
     head: str | None = None,
+    norm_layers: str | None = None,
 ) -> Version | None:
     """Train TASK/ADAPTER on data over a registered backbone and register it, with its metrics; ``from_ref``
     starts from an existing version (``transferred_from`` another task, ``finetuned_from`` the same task),
@@ -260,8 +308,9 @@ def train_adapter(
     backbone a .csv/.jsonl file of ``text,label`` rows (or a folder of train/val/test files), tokenised with
     the backbone's recorded tokenizer, truncated at ``max_length`` (default 128, at most the model's
     positions). A text version records its class names and max_length in its metadata. ``dora`` trains a DoRA
-    adapter (a magnitude per output channel, see LoRAConfig.use_dora); with ``from_ref`` the new version keeps
-    its parent's kind.
+    adapter (a magnitude per output channel, see LoRAConfig.use_dora); ``norm_layers`` the normalisation layers it
+    owns (LoRAConfig.norm_layers, default "batchnorm"); with ``from_ref`` the new version keeps its parent's
+    kind and norms.
 
     An image backbone outside the catalogue (any torchvision.models name, or ``module:callable``) takes
     ``targets``; its task head is ``head`` (a Linear or conv layer, replaced by a fresh one per adapter), else
@@ -279,14 +328,15 @@ def train_adapter(
     task, name = adapter_path(output, "train")
     if from_ref is not None:  # the new version continues its parent's adapter: same layers, rank and kind
         given = [flag for flag, value in (("--rank", rank), ("--alpha", alpha), ("--targets", targets),
-                                          ("--dora", dora or None)) if value is not None]  # fmt: skip
+                                          ("--dora", dora or None), ("--norm-layers", norm_layers))
+                 if value is not None]  # fmt: skip
         if given:
             raise ConfigError(f"{', '.join(given)} make a new adapter; --from continues REF's own adapter (its "
                               "targets, rank, alpha and kind): drop them, or train without --from")  # fmt: skip
     rank = checks.whole("rank", 8 if rank is None else rank, low=1)
     alpha = checks.number("alpha", 16.0 if alpha is None else alpha, above=0)
     epochs = checks.whole("epochs", epochs, low=1)
-    lr = checks.number("lr", lr, above=0)
+    lr = None if lr is None else checks.number("lr", lr, above=0)  # None: training.DEFAULTS, per group
     seed = checks.seed(seed)
     if max_length is not None:
         max_length = checks.whole("max-length", max_length, low=1)
@@ -332,7 +382,8 @@ def train_adapter(
             model.backbone, given=head, default=entry.head if entry is not None else None, inherited=inherited,
             num_classes=(record.source or {}).get("num_classes"),
         )  # fmt: skip
-    config = LoRAConfig(r=rank, alpha=alpha, targets=list(targets or []), heads=[head_path], use_dora=dora)
+    config = LoRAConfig(r=rank, alpha=alpha, targets=list(targets or []), heads=[head_path], use_dora=dora,
+                        norm_layers=norm_layers or "batchnorm")  # fmt: skip
     if parent is None:
         model.resolve_targets(config)  # a pattern that matches nothing: one line, before any data is read
     num_classes = (task_record.output or {}).get("num_classes")
@@ -346,7 +397,7 @@ def train_adapter(
         else:
             dataset = text.load_text(data_dir, tokens, num_classes=num_classes)
     else:
-        dataset = data.load_imagefolder(data_dir, num_classes=num_classes)
+        dataset = data.load_imagefolder(data_dir, num_classes=num_classes, inputs=backbones.recorded_inputs(record))
     head_module = backbones.head_layer(model.backbone, head_path)
     torch.manual_seed(seed)  # the new head and LoRA factors: the same seed gives the same version
     new_head = backbones.new_head(head_module, dataset.num_classes)
@@ -399,8 +450,9 @@ def train_adapter(
 def evaluate_ref(hub: Hub, ref: str, data_dir: str, *, split: str = "test") -> tuple[Version, float]:
     """Accuracy of a registered version on a split of its kind of data (see :func:`train_adapter`), logged as
     the metric ``SPLIT/accuracy``. ``split`` is train, val, test (as training split the data) or all. A text
-    version reads labels as the class names (or indices) it was trained with."""
-    from . import data, text, training
+    version reads labels as the class names (or indices) it was trained with; images are transformed as the
+    backbone records (:func:`adapter_hub.backbones.recorded_inputs`), as in training."""
+    from . import backbones, data, text, training
 
     version = hub.resolve(ref)
     if split not in ("train", "val", "test", "all"):
@@ -418,7 +470,8 @@ def evaluate_ref(hub: Hub, ref: str, data_dir: str, *, split: str = "test") -> t
                                  min_classes=1, need=need)  # fmt: skip
     else:
         task = hub.task(version.task)
-        dataset = data.load_imagefolder(data_dir, num_classes=(task.output or {}).get("num_classes"))
+        dataset = data.load_imagefolder(data_dir, num_classes=(task.output or {}).get("num_classes"),
+                                        inputs=backbones.recorded_inputs(record))  # fmt: skip
     model.activate("adapter")
     accuracy = training.evaluate(model, dataset.split(split))
     hub.log_metric(version.ref, f"{split}/accuracy", accuracy)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import checks, text
-from .data import DataError, image_transform
+from .data import DataError
 from .errors import ConfigError
 from .hf import is_transformers
 from .registry import Hub
@@ -129,7 +129,9 @@ def predict_refs(
 
     ``switch=True`` runs mixed batches through a Switch over all versions (one forward per batch);
     ``switch=False`` runs each version on its own inputs in turn. Both give the same predictions.
-    ``output``: a CSV file the predictions are written to (its folder is checked before any work)."""
+    ``output``: a CSV file the predictions are written to (its folder is checked before any work). Images
+    are resized and normalised as the backbone records (:func:`adapter_hub.backbones.recorded_inputs`)."""
+    from .backbones import image_transform_for
     from .compose import Switch
     from .pipelines import model_for
 
@@ -167,7 +169,7 @@ def predict_refs(
     for task, v in by_task.items():
         hub.load_into(model, v.ref, name=names[task])
     model.eval()
-    transform = image_transform()
+    transform = image_transform_for(record)  # as training saw the images: the backbone's recorded inputs
     predicted: list[int] = []
     with torch.no_grad():
         if switch:

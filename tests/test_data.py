@@ -59,3 +59,81 @@ def test_imagefolder_round_trip_and_bad_directories(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError):
         data.load_imagefolder(tmp_path / "empty")
+
+
+def _grey_tree(root: Path, splits: dict[str, dict[str, int]]) -> dict[int, str]:
+    """Write ``root/<split>/<class>/<i>.png``, one solid grey 4×4 image per file, every file its own grey level;
+    returns grey level -> class folder name, so a loaded image says which folder it came from."""
+    from PIL import Image
+
+    folder_of: dict[int, str] = {}
+    for split, counts in splits.items():
+        for name, count in counts.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                level = 10 + 5 * len(folder_of)  # distinct, and far apart after the /255 round trip
+                Image.new("L", (4, 4), level).save(root / split / name / f"{i}.png")
+                folder_of[level] = name
+    return folder_of
+
+
+def test_imagefolder_splits_keep_the_training_numbering(tmp_path: Path):
+    """val lacks class 03 and test lacks 00 and 02: every image's label is still its folder's number,
+    the training split's (ImageFolder alone would number val's 04 as 3)."""
+    classes = ["00", "01", "02", "03", "04"]
+    folder_of = _grey_tree(tmp_path, {
+        "train": {c: 2 for c in classes},
+        "val": {"00": 1, "01": 2, "02": 1, "04": 3},
+        "test": {"01": 1, "03": 2, "04": 1},
+    })  # fmt: skip
+    loaded = data.load_imagefolder(tmp_path, num_classes=5)
+    assert loaded.num_classes == 5
+    for split, n, present in [("train", 10, set(classes)), ("val", 7, {"00", "01", "02", "04"}),
+                              ("test", 4, {"01", "03", "04"})]:  # fmt: skip
+        s = loaded.split(split)
+        assert len(s) == n and s.x.shape[1:] == (3, 4, 4)
+        names = [folder_of[round(float(x[0, 0, 0]) * 255)] for x in s.x]  # which file each image is
+        assert set(names) == present
+        assert s.y.tolist() == [int(name) for name in names], split
+    assert 4 in loaded.val.y.tolist() and 3 not in loaded.val.y.tolist()
+
+
+def test_imagefolder_named_classes_number_from_the_training_split(tmp_path: Path):
+    """Class names that are not numbers: the label is the folder's place among train's sorted folders."""
+    train = ["cat", "dog", "eel", "fox"]
+    folder_of = _grey_tree(tmp_path, {"train": {c: 1 for c in train}, "val": {"eel": 2, "fox": 1},
+                                      "test": {"dog": 1, "fox": 2}})  # fmt: skip
+    loaded = data.load_imagefolder(tmp_path)
+    for s in (loaded.val, loaded.test):
+        names = [folder_of[round(float(x[0, 0, 0]) * 255)] for x in s.x]
+        assert s.y.tolist() == [train.index(name) for name in names] and min(s.y.tolist()) >= 1
+
+
+def test_imagefolder_refuses_a_class_the_training_split_lacks(tmp_path: Path):
+    _grey_tree(tmp_path / "a", {"train": {"00": 1, "01": 1}, "val": {"00": 1}, "test": {"01": 1, "05": 1}})
+    with pytest.raises(DataError) as caught:
+        data.load_imagefolder(tmp_path / "a")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message == (f"{tmp_path / 'a' / 'test'} has class folder ['05'] that the training split does not have "
+                       "(training classes: ['00', '01'])")  # fmt: skip
+    # many training classes: the message names the first 20 and counts the rest
+    many = {f"c{i:02d}": 1 for i in range(25)}
+    _grey_tree(tmp_path / "b", {"train": many, "val": {"c00": 1, "x": 1, "y": 1}, "test": {"c01": 1}})
+    with pytest.raises(DataError, match=r"val has class folders \['x', 'y'\] .*'c19'\] and 5 more\)$"):
+        data.load_imagefolder(tmp_path / "b")
+
+
+def test_imagefolder_bad_files_and_missing_splits_are_one_line(tmp_path: Path):
+    _grey_tree(tmp_path / "a", {"train": {"00": 1, "01": 1}, "val": {"00": 1}})
+    with pytest.raises(DataError, match=r"test: .*No such file") as caught:
+        data.load_imagefolder(tmp_path / "a")
+    assert "\n" not in str(caught.value)
+    _grey_tree(tmp_path / "b", {"train": {"00": 1, "01": 1}, "val": {"00": 1}, "test": {"01": 1}})
+    (tmp_path / "b" / "val" / "00" / "0.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"0\.png: not a readable image \(") as caught:
+        data.load_imagefolder(tmp_path / "b")
+    assert "\n" not in str(caught.value)
+    (tmp_path / "b" / "val" / "00" / "0.png").unlink()  # a class folder with no image in it
+    with pytest.raises(DataError, match=r"val: Found no valid file for the classes 00"):
+        data.load_imagefolder(tmp_path / "b")

@@ -143,9 +143,14 @@ def test_switching_adapters_and_deleting(x):
 
 def test_parameter_counts():
     model = AdapterModel(resnet())
-    model.add_adapter("a", LoRAConfig(r=4, targets=["fc"], heads=[]))
+    model.add_adapter("a", LoRAConfig(r=4, targets=["fc"], heads=[], norm_layers="frozen"))
     counts = model.parameter_counts()["a"]
     assert counts["lora"] == 4 * 512 + 10 * 4 == model.num_trainable_parameters("a")
+    assert counts["norms"] == 0
+    model.add_adapter("b", LoRAConfig(r=4, targets=["fc"], heads=[]))  # owns every BatchNorm by default
+    bn = sum(p.numel() for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
+    counts = model.parameter_counts()["b"]
+    assert counts["norms"] == bn > 0 and counts["total"] == 4 * 512 + 10 * 4 + bn == model.num_trainable_parameters("b")
     assert counts["share"] == pytest.approx(counts["total"] / sum(p.numel() for p in model.backbone.parameters()))
 
 

@@ -7,7 +7,18 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from ..errors import ConfigError
 from ._app import CELL_LIMIT, State, cell, console, emit_json, json_option, pass_state, plain, short, when
+
+
+def _numbers(flag: str, text: str | None) -> list[float] | None:
+    """Comma-separated numbers (each checked for being finite by the library)."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated numbers, got {text!r}") from None
 
 
 @click.group()
@@ -23,8 +34,18 @@ def backbone() -> None:
               help="A local Transformers model directory (save_pretrained's model and tokenizer).")  # fmt: skip
 @click.option("--pooling", type=click.Choice(["mean", "last"]),
               help="With --hf: mean over the tokens, or the last token (default: last for decoder-only).")  # fmt: skip
+@click.option("--torchvision-weights", metavar="NAME",
+              help="torchvision's weights of ARCHITECTURE (e.g. DEFAULT, IMAGENET1K_V1), downloaded by torchvision; "
+                   "their input transform (size, mean, std) is recorded.")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation.")
 @click.option("--num-classes", type=int, help="Output size of the architecture's classifier.")
+@click.option("--image-size", type=int,
+              help="Images are resized (shorter side) and centre-cropped to this size, 1 to 4096, in train, eval "
+                   "and predict (default: the torchvision weights', else the images' own size).")  # fmt: skip
+@click.option("--mean", help="Per-channel mean to subtract: 3 comma-separated numbers or 1 for all (default: the "
+                             "torchvision weights', else none).")  # fmt: skip
+@click.option("--std", help="Per-channel std to divide by, above 0: 3 comma-separated numbers or 1 for all (with "
+                            "--mean; default: the torchvision weights').")  # fmt: skip
 @click.option("--fingerprint", "fingerprint_hex", help="Record a fingerprint only (no way to rebuild it).")
 @click.option("--description")
 @json_option
@@ -36,19 +57,35 @@ def backbone_add(
     weights: str | None,
     hf_dir: Path | None,
     pooling: str | None,
+    torchvision_weights: str | None,
     seed: int,
     num_classes: int | None,
+    image_size: int | None,
+    mean: str | None,
+    std: str | None,
     fingerprint_hex: str | None,
     description: str | None,
 ) -> None:
     """Register backbone NAME built from ARCHITECTURE (a torchvision name or module:callable), or from a
-    Transformers model directory with --hf DIR (its tokenizer is stored with the record)."""
+    Transformers model directory with --hf DIR (its tokenizer is stored with the record).
+
+    An image backbone records the input transform train, eval and predict apply: --torchvision-weights'
+    own, with --image-size, --mean and --std in place of theirs. Without any of these, images go in as they
+    are (RGB in [0, 1], their own size)."""
     from ..registry.errors import RegistryError
 
+    means, stds = _numbers("--mean", mean), _numbers("--std", std)
+    given: list[tuple[str, object]] = [("--image-size", image_size), ("--mean", mean), ("--std", std)]
+    given.append(("--torchvision-weights", torchvision_weights))
+    image_options = ", ".join(flag for flag, value in given if value is not None)
     if hf_dir is not None and (architecture or weights or fingerprint_hex):
         raise RegistryError("--hf DIR takes no ARCHITECTURE, --weights or --fingerprint: the directory holds them")
+    if hf_dir is not None and image_options:
+        raise RegistryError(f"{image_options}: for an image backbone built from ARCHITECTURE, not --hf DIR")
     if pooling is not None and hf_dir is None:
         raise RegistryError("--pooling is for a Transformers backbone (--hf DIR)")
+    if fingerprint_hex is not None and image_options:
+        raise RegistryError(f"{image_options}: for an image backbone built from ARCHITECTURE, not --fingerprint")
     hub = state.hub()
     if hf_dir is not None:
         from ..pipelines import add_transformers_backbone
@@ -60,16 +97,11 @@ def backbone_add(
     else:
         if architecture is None:
             raise RegistryError("give an ARCHITECTURE (torchvision name or module:callable) or --fingerprint")
-        from ..backbones import build_backbone
+        from ..pipelines import add_image_backbone
 
-        source = {
-            "architecture": architecture,
-            "weights": str(Path(weights).resolve()) if weights else None,
-            "seed": seed,
-            "num_classes": num_classes,
-        }
-        module = build_backbone(source)
-        record = hub.add_backbone(name, module, architecture=architecture, source=source, description=description)
+        record = add_image_backbone(hub, name, architecture, weights=weights, torchvision_weights=torchvision_weights,
+                                    seed=seed, num_classes=num_classes, image_size=image_size, mean=means, std=stds,
+                                    description=description)  # fmt: skip
     if state.json:
         emit_json(record.to_dict())
     else:

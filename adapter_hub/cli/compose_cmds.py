@@ -22,6 +22,10 @@ def _weights(text: str | None) -> list[float] | None:
         raise ConfigError(f"--weights takes comma-separated numbers, got {text!r}") from None
 
 
+_NORMS_HELP = ("REF whose normalisation layers the result keeps ('' for the backbone's); default: affine parameters "
+               "and running statistics averaged with the weights.")  # fmt: skip
+
+
 @click.group()
 def compose() -> None:
     """Aliases of `combine`: `compose average` is `combine`; `compose stack` is `combine --method linear`
@@ -43,13 +47,14 @@ def _run(state: State, refs: tuple[str, ...], output: str, weights: str | None, 
 @click.option("-o", "--output", required=True, help="TASK/ADAPTER of the new version.")
 @click.option("--weights", help="Comma-separated weights (default 1 each; negative removes a task).")
 @click.option("--head", help="REF whose head the result keeps ('' for none); default: averaged.")
+@click.option("--norms", help=_NORMS_HELP)
 @key_option
 @pass_state
 def stack(state: State, refs: tuple[str, ...], output: str, weights: str | None, head: str | None,
-          key: str | None) -> None:  # fmt: skip
+          norms: str | None, key: str | None) -> None:  # fmt: skip
     """Register the exact sum Σ wᵢ·ΔWᵢ of REFS (rank Σrᵢ) as one adapter: alias of `combine --method linear`
     with weights 1 each (not a live Stack)."""
-    _run(state, refs, output, weights or ",".join(["1"] * len(refs)), "linear", head=head, key=key)
+    _run(state, refs, output, weights or ",".join(["1"] * len(refs)), "linear", head=head, norms=norms, key=key)
 
 
 def _combine_command(name: str, help_text: str) -> click.Command:
@@ -64,12 +69,14 @@ def _combine_command(name: str, help_text: str) -> click.Command:
     @click.option("--rank", type=int, help="svd and the dense methods: rank of the result (at least 1).")
     @click.option("--seed", type=int, default=0, show_default=True, help="dare_*: seed of the drop mask.")
     @click.option("--head", help="REF whose head the result keeps ('' for none); default: averaged.")
+    @click.option("--norms", help=_NORMS_HELP)
     @key_option
     @pass_state
     def command(state: State, refs: tuple[str, ...], output: str, weights: str | None, method: str,
-                density: float | None, rank: int | None, seed: int, head: str | None,
+                density: float | None, rank: int | None, seed: int, head: str | None, norms: str | None,
                 key: str | None) -> None:  # fmt: skip
-        _run(state, refs, output, weights, method, density=density, rank=rank, seed=seed, head=head, key=key)
+        _run(state, refs, output, weights, method, density=density, rank=rank, seed=seed, head=head, norms=norms,
+             key=key)  # fmt: skip
 
     return command
 

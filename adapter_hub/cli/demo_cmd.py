@@ -11,19 +11,20 @@ from ._app import State, cell, console, emit_json, pass_state, plain
 
 @click.command()
 @click.option("--backbone", type=click.Choice(["resnet", "vit"]), default="resnet", show_default=True,
-              help="A small torchvision ResNet or VisionTransformer for 8 px digits.")  # fmt: skip
-@click.option("--epochs", type=int, default=8, show_default=True,
-              help="Epochs per adapter (and for the full fine-tune), 1 to 100.")  # fmt: skip
-@click.option("--backbone-epochs", type=int, default=8, show_default=True, help="1 to 100.")
-@click.option("--rank", type=int, default=8, show_default=True, help="1 to 256.")
+              help="A small torchvision ResNet, or a VisionTransformer on the digits at 16 px.")  # fmt: skip
+@click.option("--epochs", type=int, default=None,
+              help="Epochs per adapter (and for the full fine-tune), 1 to 100.  [default: 8]")  # fmt: skip
+@click.option("--backbone-epochs", type=int, default=None,
+              help="1 to 1000.  [default: 8 for resnet, 150 for vit]")  # fmt: skip
+@click.option("--rank", type=int, default=None, help="1 to 256.  [default: 8 for resnet, 4 for vit]")
 @click.option("--seed", type=int, default=0, show_default=True, help="0 to 2**63-1.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 @pass_state
-def demo(state: State, backbone: str, epochs: int, backbone_epochs: int, rank: int, seed: int, quiet: bool,
-         as_json: bool) -> None:  # fmt: skip
-    """Train a backbone on real digits, adapt it to three shifted domains with conv-LoRA, transfer,
-    combine (TIES) and switch the adapters, and register everything. A second run reuses the registry."""
+def demo(state: State, backbone: str, epochs: int | None, backbone_epochs: int | None, rank: int | None, seed: int,
+         quiet: bool, as_json: bool) -> None:  # fmt: skip
+    """Train a backbone on real digits, adapt it to four shifted domains with LoRA, transfer, combine (TIES)
+    and switch the adapters, and register everything. A second run reuses the registry."""
     from ..demo import DemoSettings, run_demo
 
     settings = DemoSettings(backbone=backbone, epochs=epochs, backbone_epochs=backbone_epochs, rank=rank, seed=seed,
@@ -32,7 +33,8 @@ def demo(state: State, backbone: str, epochs: int, backbone_epochs: int, rank: i
     result = run_demo(hub, settings)
     if as_json or state.json:
         emit_json({
-            "backbone": result.backbone, "backbone_accuracy": result.backbone_accuracy, "seconds": result.seconds,
+            "backbone": result.backbone, "backbone_accuracy": result.backbone_accuracy, "rank": result.rank,
+            "seconds": result.seconds,
             "rows": [vars(r) for r in result.rows], "reused": result.reused, "trained": result.trained,
             "goals": [{"goal": g, "measured": m, "met": ok} for g, m, ok in result.goals()],
         })  # fmt: skip
@@ -50,15 +52,15 @@ def demo(state: State, backbone: str, epochs: int, backbone_epochs: int, rank: i
         steps = f"{r.steps_fresh}→{r.steps_transfer}" if r.steps_fresh is not None else "—"
         table.add_row(cell(r.task), pct(r.head_only), pct(r.lora), pct(r.full), pct(r.transfer), pct(r.merged),
                       pct(r.switched), steps)  # fmt: skip
-    table.caption = ("head: head-only probe · LoRA: conv-LoRA r=8 + head · full FT: every weight · transfer: "
-                     "LoRA started from the rotated adapter · TIES: 3-task average, own head · switch: per-sample "
-                     "routing of all tasks in one batch · steps: to 95% of the fresh adapter's best accuracy, "
-                     "fresh→transfer")  # fmt: skip
+    table.caption = (f"head: head-only probe · LoRA: LoRA r={result.rank} + head + own norms · full FT: every "
+                     "weight · transfer: LoRA started from the rotated adapter · TIES: 3-task average, own head · "
+                     "switch: per-sample routing of all tasks in one batch · steps: to 95% of the fresh adapter's "
+                     "best accuracy, fresh→transfer")  # fmt: skip
     out.print(table)
     if result.rows:
         r = result.rows[0]
         out.print(f"trainable share of the backbone's parameters: head only {r.share_head:.2%}, "
-                  f"LoRA + head {r.share_lora:.2%}, full fine-tune 100%")  # fmt: skip
+                  f"LoRA + head + norms {r.share_lora:.2%}, full fine-tune 100%")  # fmt: skip
     goals = Table(title="Goals")
     for col in ("goal", "measured", "met"):
         goals.add_column(col)

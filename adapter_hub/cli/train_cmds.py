@@ -21,16 +21,23 @@ from ._app import State, emit_json, key_option, pass_state
 @click.option("--head", help="The module that outputs the classes, replaced per adapter (default: the catalogue's, "
                              "else the model's last Linear).")  # fmt: skip
 @click.option("--epochs", type=int, default=5, show_default=True, help="At least 1.")
-@click.option("--lr", type=float, default=5e-3, show_default=True, help="Learning rate, above 0.")
+@click.option("--lr", type=float, help="One peak learning rate for everything trained, above 0 (default: by what "
+                                     "is trained: LoRA factors 5e-3, head 5e-3, norms 5e-3). A linear warm-up over "
+                                     "10% of the steps, then a cosine decay.")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True, help="0 to 2**63-1.")
 @click.option("--full", is_flag=True, help="Also fine-tune the whole network as a baseline; its accuracy is logged.")
 @click.option("--max-length", type=int, help="Text: tokens per text, truncated beyond (default 128).")
 @click.option("--dora", is_flag=True, help="Train a DoRA adapter (a magnitude per output channel; PEFT's use_dora).")
+@click.option("--norm-layers", type=click.Choice(["batchnorm", "all", "frozen"]),
+              help="Normalisation layers the adapter owns, trained and stored with it (default batchnorm: "
+                   "every BatchNorm; all: also LayerNorm/GroupNorm; frozen: the backbone's; with --from, the "
+                   "parent's).")  # fmt: skip
 @key_option
 @pass_state
 def train(state: State, output: str, backbone: str, data_dir: str, from_ref: str | None, rank: int | None,
-          alpha: float | None, targets: str | None, head: str | None, epochs: int, lr: float, seed: int, full: bool,
-          max_length: int | None, dora: bool, key: str | None) -> None:  # fmt: skip
+          alpha: float | None, targets: str | None, head: str | None, epochs: int, lr: float | None, seed: int,
+          full: bool, max_length: int | None, dora: bool, norm_layers: str | None,
+          key: str | None) -> None:  # fmt: skip
     """Train a LoRA adapter for TASK on DATA over BACKBONE and register it as a new version.
 
     A backbone outside the catalogue (any torchvision.models name or module:callable) needs --targets; its head
@@ -43,7 +50,7 @@ def train(state: State, output: str, backbone: str, data_dir: str, from_ref: str
         state.hub(), output, backbone=backbone, data_dir=data_dir, from_ref=from_ref, rank=rank, alpha=alpha,
         targets=targets.split(",") if targets else None, epochs=epochs, lr=lr, seed=seed, full=full,
         progress=not state.json, say=lambda line: click.echo(line, err=True), key=key, max_length=max_length,
-        dora=dora, head=head,
+        dora=dora, head=head, norm_layers=norm_layers,
     )  # fmt: skip
     if version is None:  # another process of a distributed run registered it
         return

@@ -43,6 +43,7 @@ def combine(
     sign: str = "total",
     seed: int = 0,
     head: str | None = None,
+    norms: str | None = None,
 ) -> AdapterRecord:
     """The record of the adapter that combines ``sources`` (name, adapter) by ``method`` (see
     ``AdapterModel.combine``). ``base_for(path)`` gives the backbone module at a path, which fixes the
@@ -96,6 +97,7 @@ def combine(
         kinds[path] = type(layers[0])
 
     heads = _combine_heads(adapters, names, ws, head)
+    norm_modules = _combine_norms(adapters, names, ws, norms)
     errors = {p: methods.overall_rel_error(r) for p, r in reports.items()}
     all_reports = [r for rs in reports.values() for r in rs]
     config = LoRAConfig(
@@ -103,9 +105,10 @@ def combine(
         alpha=max((s["r"] for s in specs.values()), default=1),
         targets=list(paths),
         heads=list(heads),
+        norm_layers=_norm_policy(adapters, norms, names) if norm_modules else "frozen",
     )
     layer_specs, tensors = _layer_state(kinds, specs, merged, config, base_for)
-    for path, module in heads.items():
+    for path, module in [*heads.items(), *norm_modules.items()]:
         tensors.update({f"{path}.{k}": t.detach().cpu().contiguous() for k, t in module.state_dict().items()})
     recipe = {
         "sources": list(names),
@@ -119,6 +122,7 @@ def combine(
                 "sign": sign if method in ("ties", "dare_ties") else None,
                 "seed": seed if method.startswith("dare") else None,
                 "head": head,
+                "norms": norms,
             }.items()
             if v is not None
         },  # fmt: skip
@@ -133,6 +137,7 @@ def combine(
         metadata={"recipe": recipe},
         fingerprint=fingerprint,
         source="combined adapter",
+        norms=list(norm_modules),
     )
 
 
@@ -233,5 +238,52 @@ def _combine_heads(
             for key, t in state.items():
                 if t.is_floating_point():
                     t.copy_(sum(w * h.state_dict()[key] for _, h, w in sources) / total)
+        out[path] = new
+    return out
+
+
+def _norm_policy(adapters: list[Adapter], norms: str | None, names: Sequence[str]) -> str:
+    """The combined adapter's ``norm_layers``: the chosen adapter's, or the widest of the sources'."""
+    if norms:
+        return adapters[list(names).index(norms)].config.norm_layers
+    kinds = {a.config.norm_layers for a in adapters}
+    return "all" if "all" in kinds else "batchnorm"
+
+
+def _combine_norms(
+    adapters: list[Adapter], names: Sequence[str], ws: list[float], norms: str | None
+) -> dict[str, nn.Module]:
+    """Norms of the new adapter: ``norms=""`` none (the backbone's run), ``norms=name`` that adapter's,
+    otherwise at each path the weighted average Σwᵢθᵢ/Σwᵢ, over the sources that own a norm there, of the
+    affine parameters and of the running mean and running variance (a BatchNorm's ``num_batches_tracked``
+    is the largest). An average whose running variance is not positive somewhere (a negative weight) is
+    refused: that norm would divide by the square root of a negative number."""
+    if norms == "":
+        return {}
+    if norms is not None:
+        if norms not in names:
+            raise ConfigError(f"norms {norms!r} is not one of the combined adapters {list(names)}")
+        return {p: plain_copy(m) for p, m in adapters[list(names).index(norms)].norm_items()}
+    out: dict[str, nn.Module] = {}
+    maps = [dict(a.norm_items()) for a in adapters]
+    for path in dict.fromkeys(p for m in maps for p in m):
+        sources = [(m[path], w) for m, w in zip(maps, ws) if path in m]
+        total = sum(w for _, w in sources)
+        if abs(total) < 1e-12:
+            raise ConfigError(f"the weights of the norms at {path} sum to 0; choose one with norms='<adapter>'")
+        new = plain_copy(sources[0][0])
+        with torch.no_grad():
+            for key, t in new.state_dict().items():
+                values = [m.state_dict()[key] for m, _ in sources]
+                if t.is_floating_point():
+                    t.copy_(sum(w * v for v, (_, w) in zip(values, sources)) / total)
+                else:
+                    t.copy_(torch.stack(values).amax(0))
+            var = getattr(new, "running_var", None)
+            if isinstance(var, torch.Tensor) and not bool((var > 0).all()):
+                raise CombineError(
+                    f"the weighted running variance of the norms at {path} is not positive everywhere (weights "
+                    f"{[w for _, w in sources]}); choose one adapter's norms with norms='<adapter>'"
+                )
         out[path] = new
     return out

@@ -1,7 +1,8 @@
 """Where deltas meet the backbone: the runtime that executes a composition policy.
 
-One site per adapted module (``LayerSite``; ``AttentionSite`` in ``attention_site``) and per task head
-(``HeadSite``), all reading one shared ``Routing``. A site takes over its module's ``forward`` through an
+One site per adapted module (``LayerSite``; ``AttentionSite`` in ``attention_site``) and per module kept
+per adapter (``HeadSite``: a task head, or a normalisation layer an adapter owns), all reading one shared
+``Routing``. A site takes over its module's ``forward`` through an
 instance attribute (the class, the parameter names and the state dict of the backbone stay untouched) and
 adds the deltas that the ``Routing`` says are active: a weighted sum on every sample (single adapter,
 ``Stack``) and/or one adapter per group of rows (per-sample ``Switch``). For a switch, the batch is sorted
@@ -443,10 +444,13 @@ def linear_part(layer: LoRALayer) -> Part:
 
 
 class HeadSite(_Site):
-    """A task head trained in full and kept per adapter: the active adapter's copy runs in place of
-    the backbone's module. Routed per sample, each group of rows goes through its own adapter's head;
-    heads of different output sizes are zero-padded on the last dimension to the largest, and each
-    head's width is left in ``Routing.widths`` for the owner to trim the rows back."""
+    """A module kept per adapter and trained in full — a task head, or a normalisation layer the adapter
+    owns (``LoRAConfig.norm_layers``): the copy of the adapter whose head runs (``Routing.head``) runs in
+    place of the backbone's module. Routed per sample, each group of rows goes through its own adapter's
+    copy (in training mode a BatchNorm normalises those rows with their own batch statistics and updates
+    only that adapter's running statistics). Heads of different output sizes are zero-padded on the last
+    dimension to the largest, and each head's width is left in ``Routing.widths`` for the owner to trim the
+    rows back; outputs of one size (a norm's, say) are neither padded nor recorded."""
 
     def __init__(self, module: nn.Module, path: str, routing: Routing) -> None:
         super().__init__(module, path, routing)
@@ -473,8 +477,11 @@ class HeadSite(_Site):
         if r.segments is None:
             return self._head(r.head)(x, *args, **kwargs)
         outs = [self._head(name)(x[start:end], *args, **kwargs) for name, start, end in r.segments]
+        widths = {y.shape[-1] for y in outs}
+        if len(widths) == 1:
+            return torch.cat(outs)
         r.widths.update({name: y.shape[-1] for (name, _, _), y in zip(r.segments, outs)})
-        width = max(y.shape[-1] for y in outs)
+        width = max(widths)
         return torch.cat([F.pad(y, (0, width - y.shape[-1])) for y in outs])
 
 

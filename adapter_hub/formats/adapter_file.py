@@ -5,7 +5,9 @@ module's out_proj under ``<path>.out_proj.lora_A.weight``) and each head's state
 path. The header metadata holds the format version, the backbone fingerprint, the config and the exact
 geometry of every layer, so a file rebuilds the same adapter without guessing. A DoRA adapter adds each
 layer's magnitude under ``<module path>.lora_magnitude_vector`` (one value per output channel), sets
-``use_dora`` in the config and is written as format version 2, which older readers refuse.
+``use_dora`` in the config and is written as format version 2, which older readers refuse. An adapter that
+owns normalisation layers lists them in ``adapter_hub.norms`` (their state under their paths, like a head's)
+and is written as format version 3.
 
 This module is a codec between an ``AdapterRecord`` and those bytes (``encode`` / ``decode``, ``save`` /
 ``load`` for files); ``AdapterModel`` turns adapters into records and back.
@@ -28,21 +30,27 @@ from .record import AdapterRecord
 
 # 1: plain LoRA. 2: DoRA (``use_dora`` in the config, a ``<path>.lora_magnitude_vector`` per layer); a reader
 # of version 1 refuses it as newer instead of running it as plain LoRA. Plain LoRA adapters are still
-# written as version 1, byte for byte as before, so older readers keep reading them.
-FORMAT_VERSION = 2
+# written as version 1, byte for byte as before, so older readers keep reading them. 3: norms owned by the
+# adapter (``adapter_hub.norms``); a reader of 1 or 2 would run the backbone's norms instead, so it must refuse.
+FORMAT_VERSION = 3
+_DORA_VERSION = 2
 _PLAIN_VERSION = 1
 _MAX_HEADER = 100 * 1024 * 1024
 
 
 def format_version(record: AdapterRecord) -> int:
-    """The oldest format that holds ``record``: 2 for a DoRA adapter, 1 otherwise."""
-    return FORMAT_VERSION if record.config.use_dora else _PLAIN_VERSION
+    """The oldest format that holds ``record``: 3 when it owns norms, 2 for a DoRA adapter, 1 otherwise."""
+    if record.norms:
+        return FORMAT_VERSION
+    return _DORA_VERSION if record.config.use_dora else _PLAIN_VERSION
 
 
 def _config_json(record: AdapterRecord) -> str:
     config = record.config.to_dict()
     if not config.get("use_dora"):
         del config["use_dora"]  # absent means plain LoRA: a plain adapter's bytes stay what version 1 wrote
+    if config.get("norm_layers") == "frozen":
+        del config["norm_layers"]  # absent means frozen, which is all that versions 1 and 2 knew
     return json.dumps(config, sort_keys=True)
 
 
@@ -56,6 +64,7 @@ def header_metadata(record: AdapterRecord) -> dict[str, str]:
         "adapter_hub.layers": json.dumps(record.layers, sort_keys=True),
         "adapter_hub.heads": json.dumps(list(record.heads)),
         "adapter_hub.metadata": json.dumps(record.metadata, sort_keys=True),
+        **({"adapter_hub.norms": json.dumps(list(record.norms))} if record.norms else {}),
     }
 
 
@@ -153,11 +162,15 @@ def decode(data: bytes, source: str = "adapter data") -> AdapterRecord:
         config = LoRAConfig.from_dict(json.loads(meta["adapter_hub.config"]))
         specs = json.loads(meta["adapter_hub.layers"])
         heads = json.loads(meta.get("adapter_hub.heads", "[]"))
+        norms = json.loads(meta.get("adapter_hub.norms", "[]"))
         extra = json.loads(meta.get("adapter_hub.metadata", "{}"))
     except (KeyError, ValueError, TypeError) as exc:
         raise AdapterFileError(f"{source}: malformed adapter_hub metadata ({exc})") from None
-    if not isinstance(specs, dict) or not isinstance(heads, list) or not isinstance(extra, dict):
-        raise AdapterFileError(f"{source}: malformed adapter_hub metadata (layers, heads or metadata of a wrong type)")
+    paths_ok = all(isinstance(x, list) and all(isinstance(p, str) for p in x) for x in (heads, norms))
+    if not isinstance(specs, dict) or not paths_ok or not isinstance(extra, dict):
+        raise AdapterFileError(
+            f"{source}: malformed adapter_hub metadata (layers, heads, norms or metadata of a wrong type)"
+        )
     return AdapterRecord(
         config=config,
         layers=specs,
@@ -166,6 +179,7 @@ def decode(data: bytes, source: str = "adapter data") -> AdapterRecord:
         metadata=extra,
         fingerprint=meta.get("adapter_hub.backbone_fingerprint", ""),
         source=source,
+        norms=norms,
     )
 
 

@@ -31,6 +31,7 @@ from ..lora import (
     LoRAEmbedding,
     LoRAMultiheadAttention,
     LoRATransposedLinear,
+    is_norm,
     lora_class_for,
     lora_scaling,
 )
@@ -205,7 +206,7 @@ def export_peft(
             "cannot export to PEFT: the adapter has no LoRA layer (heads only), and PEFT loads no adapter without "
             "one; save it as an adapter file instead"
         )
-    heads = list(record.heads)
+    heads = [*record.heads, *record.norms]  # both are PEFT's modules_to_save: a trained copy per adapter
     _check_heads_keep_targets(heads, targets)
     for path in heads:
         prefix = path + "."
@@ -392,7 +393,10 @@ def import_peft(backbone: nn.Module, directory: str | os.PathLike, *, adapter_na
             if grouped is not None:
                 tensors[f"{path}.lora_A.weight"] = grouped
     rest = _without_known_extras(backbone, rest, specs, source, velora=not _unset(cfg.get("velora_config")))
-    heads = _head_paths(backbone, rest, specs, source)
+    saved = _head_paths(backbone, rest, specs, source)
+    # a normalisation layer among modules_to_save is a norm the adapter owns; anything else is a head
+    norms = [p for p in saved if is_norm(module_at(backbone, p), "all")]
+    heads = [p for p in saved if p not in norms]
     tensors.update(rest)
     config = LoRAConfig(
         r=r0,
@@ -402,9 +406,20 @@ def import_peft(backbone: nn.Module, directory: str | os.PathLike, *, adapter_na
         use_rslora=rslora,
         dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
         use_dora=use_dora,
+        norm_layers=_norm_policy(backbone, norms),
     )
     meta = {"imported_from": {"format": "peft", "base_model_name_or_path": cfg.get("base_model_name_or_path")}}
-    return AdapterRecord(config=config, layers=specs, heads=heads, tensors=tensors, metadata=meta, source=source)
+    return AdapterRecord(
+        config=config, layers=specs, heads=heads, tensors=tensors, metadata=meta, source=source, norms=norms
+    )
+
+
+def _norm_policy(backbone: nn.Module, norms: list[str]) -> str:
+    """The ``norm_layers`` that describes the norms an imported adapter owns (its record lists them)."""
+    if not norms:
+        return "frozen"
+    kinds = {isinstance(module_at(backbone, p), nn.modules.batchnorm._BatchNorm) for p in norms}
+    return "batchnorm" if kinds == {True} else "all"
 
 
 def _check_pair_kind(module: nn.Module, path: str, embedding_keyed: bool, source: str) -> None:

@@ -22,6 +22,8 @@ class AdapterRecord:
     ``config``: the adapter's LoRAConfig as it was made (its ``heads`` may still be patterns).
     ``layers``: module path -> the LoRA layer's ``spec()`` (type, r, alpha; rank and a_groups for a conv).
     ``heads``: the module paths of the heads trained in full.
+    ``norms``: the module paths of the normalisation layers the adapter owns (``LoRAConfig.norm_layers``),
+    their state (affine parameters, running statistics) under their paths like a head's.
     ``tensors``: every tensor under its file key ``<module path>.<state key>``, e.g.
     ``layer1.0.conv1.lora_A.weight`` or ``fc.weight``; a DoRA adapter (``config.use_dora``) also has each
     layer's magnitude, shape (out,), under ``<module path>.lora_magnitude_vector``.
@@ -37,4 +39,5 @@ class AdapterRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
     source: str = "adapter data"
+    norms: list[str] = field(default_factory=list)
 

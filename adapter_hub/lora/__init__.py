@@ -11,7 +11,7 @@ from torch import nn
 
 from .attention import LoRAMultiheadAttention
 from .base import LoRAConfigError, LoRALayer, lora_scaling
-from .config import LoRAConfig, matches
+from .config import NORM_LAYERS, LoRAConfig, is_norm, matches
 from .conv import LoRAConv1d, LoRAConv2d, LoRAConv3d, grouped_rank
 from .embedding import LoRAEmbedding
 from .linear import LoRALinear, LoRATransposedLinear
@@ -49,6 +49,7 @@ def lora_class_for(module: nn.Module) -> type[LoRALayer] | None:
 
 __all__ = [
     "LORA_CLASSES",
+    "NORM_LAYERS",
     "LoRAConfig",
     "LoRAConfigError",
     "LoRAConv1d",
@@ -60,6 +61,7 @@ __all__ = [
     "LoRAMultiheadAttention",
     "LoRATransposedLinear",
     "grouped_rank",
+    "is_norm",
     "lora_class_for",
     "lora_scaling",
     "matches",

@@ -20,6 +20,29 @@ def matches(pattern: str, path: str, module: nn.Module) -> bool:
     return fnmatchcase(path, pattern) or fnmatchcase(type(module).__name__, pattern)
 
 
+# Which normalisation layers an adapter owns (``LoRAConfig.norm_layers``).
+NORM_LAYERS = ("batchnorm", "all", "frozen")
+# Norm classes of other libraries (transformers' T5LayerNorm, LlamaRMSNorm...) are known by their name.
+_NORM_SUFFIXES = ("LayerNorm", "RMSNorm", "GroupNorm")
+
+
+def is_norm(module: nn.Module, norm_layers: str) -> bool:
+    """Whether an adapter with ``norm_layers`` owns ``module``: ``"batchnorm"`` every BatchNorm1d/2d/3d (and
+    SyncBatchNorm), ``"all"`` also GroupNorm, LayerNorm, RMSNorm and InstanceNorm, ``"frozen"`` none. A norm
+    with nothing to own (no affine parameters, no running statistics) is left to the backbone."""
+    if norm_layers == "frozen":
+        return False
+    owned = any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+    if not owned:
+        return False
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    if norm_layers != "all":
+        return False
+    kinds = (nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+    return isinstance(module, kinds) or type(module).__name__.endswith(_NORM_SUFFIXES)
+
+
 @dataclass
 class LoRAConfig:
     """Configuration of one adapter.
@@ -30,6 +53,14 @@ class LoRAConfig:
     for the modules whose name matches a glob key (first match wins). ``use_dora``: DoRA (weight-decomposed
     LoRA) on every target — a trainable magnitude per output channel, y = m/‖W + ΔW‖·(W + ΔW)⋆x + b (Linear,
     transformers' Conv1D and Conv1d/2d/3d targets only; see ``LoRALayer``).
+
+    ``norm_layers``: the normalisation layers each adapter owns (see :func:`is_norm`) — a copy of the
+    backbone's layer per adapter whose affine parameters train and whose running statistics (BatchNorm)
+    update in training mode and are used in eval, stored with the adapter. ``"batchnorm"`` (the default)
+    owns every BatchNorm: a BatchNorm's running statistics are the source domain's, and a new domain needs its
+    own (Rebuffi et al.'s domain-specific normalisation); per-sample norms (LayerNorm, GroupNorm) re-normalise
+    every input by themselves, so ``"all"`` adds only their affine parameters. ``"frozen"``: the backbone's
+    layers run for every adapter. The backbone's own layers never change either way.
     """
 
     r: int = 8
@@ -42,6 +73,7 @@ class LoRAConfig:
     dropout: float = 0.0
     init: str = "kaiming"
     use_dora: bool = False
+    norm_layers: str = "batchnorm"
 
     def __post_init__(self) -> None:
         self.targets = [_pattern(t) for t in ([self.targets] if isinstance(self.targets, str | type) else self.targets)]
@@ -56,6 +88,8 @@ class LoRAConfig:
             raise LoRAConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not isinstance(self.use_dora, bool):
             raise LoRAConfigError(f"use_dora must be true or false, got {self.use_dora!r}")
+        if self.norm_layers not in NORM_LAYERS:
+            raise LoRAConfigError(f"unknown norm_layers {self.norm_layers!r}; choose one of {', '.join(NORM_LAYERS)}")
         if self.init not in INITS:
             raise LoRAConfigError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
 
@@ -70,5 +104,7 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoRAConfig:
+        """The config of a stored dict. A dict without ``norm_layers`` was written before adapters owned
+        norms, when every adapter ran the backbone's: it reads as ``"frozen"``."""
         known = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{"norm_layers": "frozen", **{k: v for k, v in data.items() if k in known}})

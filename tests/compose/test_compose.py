@@ -70,8 +70,8 @@ def test_stack_equals_dense_sum_with_negative_weights(kind):
     bb, x = (resnet(), X) if kind == "resnet18" else (vit(), XV)
     targets = TARGETS if kind == "resnet18" else ["*.self_attention", "*.mlp.0", "*.mlp.3", "conv_proj"]
     model = AdapterModel(bb)
-    add(model, "a", LoRAConfig(r=4, targets=targets), 1)
-    add(model, "b", LoRAConfig(r=2, alpha=6, targets=targets[:2]), 2)
+    add(model, "a", LoRAConfig(r=4, targets=targets, norm_layers="frozen"), 1)
+    add(model, "b", LoRAConfig(r=2, alpha=6, targets=targets[:2], norm_layers="frozen"), 2)
     weighted = [("a", 1.0), ("b", -0.5)]
     model.activate(Stack("a", "b", weights=[1.0, -0.5]))
     got = model(x)
@@ -217,9 +217,10 @@ def test_bad_routes_fail_before_any_compute():
 
 def combine_model() -> AdapterModel:
     model = AdapterModel(resnet())
-    add(model, "a", LoRAConfig(r=4, targets=["layer3.*.conv*", "fc"]), 1)
-    add(model, "b", LoRAConfig(r=2, alpha=4, targets=["layer3.*.conv*", "layer4.0.conv1"]), 2)
-    add(model, "c", LoRAConfig(r=3, targets=["layer3.*.conv*"], use_rslora=True), 3)
+    # the deltas are the subject here: the backbone's norms run for every adapter (tests/compose/test_norms.py)
+    add(model, "a", LoRAConfig(r=4, targets=["layer3.*.conv*", "fc"], norm_layers="frozen"), 1)
+    add(model, "b", LoRAConfig(r=2, alpha=4, targets=["layer3.*.conv*", "layer4.0.conv1"], norm_layers="frozen"), 2)
+    add(model, "c", LoRAConfig(r=3, targets=["layer3.*.conv*"], use_rslora=True, norm_layers="frozen"), 3)
     return model
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from torch import nn
 
 from adapter_hub import AdapterModel, LoRAConfig, fingerprint
 from adapter_hub.errors import AdapterFileError, FingerprintMismatch
+from adapter_hub.formats import adapter_file
 
 
 def backbone(seed: int = 0) -> nn.Module:
@@ -73,7 +75,16 @@ def test_round_trip_and_deterministic_bytes(tmp_path: Path):
         meta = f.metadata()
     assert meta["adapter_hub.backbone_fingerprint"] == model.fingerprint
     assert json.loads(meta["adapter_hub.config"])["rank_pattern"] == {"layer4*": 2}
-    assert meta["adapter_hub.format_version"] == "1"
+    # the adapter owns every BatchNorm (the default): listed, stored with their running statistics, format 3
+    bns = [n for n, m in model.backbone.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert json.loads(meta["adapter_hub.norms"]) == bns and len(bns) == 20
+    assert torch.equal(tensors["layer2.0.bn1.running_var"], model.adapters["a"].norms["layer2/0/bn1"].running_var)
+    assert meta["adapter_hub.format_version"] == "3"
+    model.add_adapter("frozen", replace(CFG, norm_layers="frozen"))
+    frozen = safetensors.torch.load(model.adapter_to_bytes("frozen"))
+    assert not any(k.startswith("layer2.0.bn1") for k in frozen)
+    frozen_meta = adapter_file.header_metadata(model.export_record("frozen"))
+    assert frozen_meta["adapter_hub.format_version"] == "1" and "adapter_hub.norms" not in frozen_meta
 
 
 def test_other_backbone_is_refused_unless_forced(tmp_path: Path):

@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from adapter_hub import AdapterModel, LoRAConfig, backbones, data, training
+from adapter_hub.errors import ConfigError
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]  # the checkout
@@ -29,7 +31,7 @@ def _split(ds: data.Dataset, n: int) -> data.Split:
 def run_fit() -> dict[str, torch.Tensor]:
     """One adapter; 101 samples in batches of 25: the last batch (1 sample) leaves one process empty."""
     model = _model()
-    model.add_adapter("a", LoRAConfig(r=2, targets=["layer4.*.conv*"], heads=["fc"]))
+    model.add_adapter("a", LoRAConfig(r=2, targets=["layer4.*.conv*"], heads=["fc"], norm_layers="frozen"))
     model.activate("a")
     ds = data.digits("rotated", pool="target")
     training.fit(model, _split(ds, 101), data.Split(ds.val.x[:64], ds.val.y[:64]), epochs=2, lr=1e-2,
@@ -40,7 +42,7 @@ def run_fit() -> dict[str, torch.Tensor]:
 def run_multitask() -> dict[str, torch.Tensor]:
     """A Switch over two adapters of different head widths; batches of 9 split 5 + 4."""
     model = _model()
-    cfg = LoRAConfig(r=2, targets=["layer4.*.conv*"], heads=["fc"])
+    cfg = LoRAConfig(r=2, targets=["layer4.*.conv*"], heads=["fc"], norm_layers="frozen")
     model.add_adapter("digit", cfg)
     model.add_adapter("parity", cfg, head_modules={"fc": nn.Linear(512, 2)})
     rot, inv = data.digits("rotated", pool="target"), data.digits("inverted", labels="parity", pool="target")
@@ -67,3 +69,21 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path):
         torch.testing.assert_close(ranks[0][key], expected, rtol=1e-4, atol=1e-5, msg=key)
     started_at_zero = [k for k in single if "lora_B" in k]  # B starts at zero: non-zero means it was trained
     assert len(started_at_zero) == 6 and all(single[k].abs().sum() > 0 for k in started_at_zero)
+
+
+def test_an_adapter_owning_batchnorms_is_refused_in_more_than_one_process(monkeypatch):
+    """Each process would normalise its own rows with their own batch statistics: refused before any step
+    (every process makes the same check); in one process, or with frozen norms, it trains."""
+    model = _model()
+    model.add_adapter("a", LoRAConfig(r=2, targets=["layer4.*.conv*"], heads=["fc"]))
+    model.activate("a")
+    ds = data.digits("rotated", pool="target")
+    before = {k: v.clone() for k, v in model.adapters.state_dict().items()}
+    monkeypatch.setattr(training.distributed, "world", lambda: (0, 2))
+    with pytest.raises(ConfigError, match=r"owns the BatchNorm bn1, whose batch statistics each of the 2 processes"):
+        training.fit(model, _split(ds, 16), _split(ds, 16), epochs=1, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.adapters.state_dict().items())
+    training.distributed.refuse_batch_statistics([("bn1", nn.BatchNorm2d(4).eval())])  # eval mode: nothing to take
+    monkeypatch.undo()
+    training.fit(model, _split(ds, 16), _split(ds, 16), epochs=1, progress=False)  # one process: it trains
+    assert any(not torch.equal(v, before[k]) for k, v in model.adapters.state_dict().items())
