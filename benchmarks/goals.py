@@ -4,7 +4,8 @@
    full fine-tuning on every domain at ≤ 3% trainable parameters, transfer ≤ 50% of the steps, the 3-task TIES
    average ≥ 85% normalized, the switch exact. The goals are the demo's own (``DemoResult.goals``).
 2. A torchvision network with real pretrained weights from a local file, fine-tuned from the **CLI defaults**:
-   the network is trained on the upright digits (source pool, 64 px, ImageNet statistics) and saved; the saved
+   the network (resnet18 by default) is trained on the upright digits (source pool, 64 px, ImageNet
+   statistics, 10 epochs at lr 2e-3) and saved; the saved
    file is registered with ``adapter-hub backbone add ... --weights FILE --image-size 64 --mean --std`` (the
    input transform is recorded with it), a target domain is written with ``adapter-hub data digits``, and
    ``adapter-hub train TASK/lora --backbone B --data DIR --full`` trains the LoRA adapter with every default
@@ -69,7 +70,7 @@ def pretrained_goal(arch: str, work: Path, *, domain: str, size: int, pretrain_e
     torch.manual_seed(0)
     net = backbones.build_backbone({"architecture": arch, "num_classes": 10, "seed": 0, "weights": None})
     start = time.perf_counter()
-    training.fit(net, source.train, source.val, epochs=pretrain_epochs, seed=0, progress=False)
+    training.fit(net, source.train, source.val, epochs=pretrain_epochs, lr=2e-3, seed=0, progress=False)
     pretrain_seconds = time.perf_counter() - start
     source_accuracy = training.evaluate(net, source.test)
     weights = backbones.save_weights(net, work / f"{arch}-digits.safetensors")
@@ -92,7 +93,9 @@ def pretrained_goal(arch: str, work: Path, *, domain: str, size: int, pretrain_e
     return {
         "architecture": arch, "domain": domain, "size": size, "source_accuracy": source_accuracy,
         "pretrain_seconds": pretrain_seconds, "train_seconds": train_seconds, "lora": lora, "full": full,
-        "ratio": ratio, "trainable": version.get("trainable_params"), "met": ratio >= PRETRAINED_GOAL,
+        "ratio": ratio, "trainable": version.get("trainable_params"),
+        # a network that learnt nothing on its source domain is no pretrained network: that is no goal met
+        "met": ratio >= PRETRAINED_GOAL and source_accuracy >= 0.9,
     }  # fmt: skip
 
 
@@ -104,7 +107,8 @@ def table(results: dict) -> str:
     for p in results.get("pretrained", []):
         lines.append(
             f"| pretrained {p['architecture']} (local file, {p['size']} px) from the CLI defaults ≥ 97% of full "
-            f"fine-tuning on `{p['domain']}` | {p['ratio']:.1%} (LoRA {p['lora']:.1%}, full {p['full']:.1%}) | "
+            f"fine-tuning on `{p['domain']}` | {p['ratio']:.1%} (LoRA {p['lora']:.1%}, full {p['full']:.1%}; "
+            f"source {p['source_accuracy']:.1%}) | "
             f"{'yes' if p['met'] else 'NO'} |"
         )
     return "\n".join(lines)
@@ -114,7 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one epoch everywhere; writes nothing")
     parser.add_argument("--only", choices=["demo", "pretrained"])
-    parser.add_argument("--arch", default="mobilenet_v2", help="the pretrained torchvision network")
+    parser.add_argument("--arch", default="resnet18", help="the pretrained torchvision network")
     parser.add_argument("--domain", default="rotated-noisy", help="the pretrained network's target domain")
     args = parser.parse_args()
     results: dict = {}
@@ -123,7 +127,7 @@ def main() -> None:
         if args.only in (None, "demo"):
             results["demo"] = [demo_goals(b, work / f"demo-{b}", args.quick) for b in ("resnet", "vit")]
         if args.only in (None, "pretrained"):
-            size, epochs = (32, 1) if args.quick else (64, 6)
+            size, epochs = (32, 1) if args.quick else (64, 10)
             results["pretrained"] = [pretrained_goal(args.arch, work, domain=args.domain, size=size,
                                                      pretrain_epochs=epochs, quick=args.quick)]  # fmt: skip
     text = table(results)

@@ -264,7 +264,10 @@ def markdown(results: dict) -> str:
                 continue
             first = next(c for c in cells if c)
             lrs = {g: first["lrs"][g] for g in training.GROUPS if g in first["lrs"]}
-            row = f"| {setting.name} | {training.format_lrs(lrs)}; {first['warmup_steps']} |"
+            stale = any(not current(r, setting) for d in domains for s in seeds
+                        if (r := runs.get(key(name, d, setting.name, s, epochs))))  # fmt: skip
+            shown = setting.name + (" †" if stale else "")
+            row = f"| {shown} | {training.format_lrs(lrs)}; {first['warmup_steps']} |"
             for d, c in zip(domains, cells):
                 if c is None:
                     row += " — | — | — |"
@@ -274,6 +277,8 @@ def markdown(results: dict) -> str:
                 row += f" {c['loss0']:.2f} → {c['loss1']:.2f}{grew} | {c['test']:.1%} | {ratio} |"
             out.append(row)
         out += ["", "Best full fine-tune: " + "; ".join(f"{d} {best[d][0]:.1%} ({best[d][1]})" for d in domains) + "."]
+    out += ["", "† ran under earlier defaults (a 5% warm-up, or LoRA 5e-4 / norms 1e-3 where the setting takes "
+                "them from the defaults): its warm-up steps and learning rates are the ones shown."]  # fmt: skip
     return "\n".join(out) + "\n"
 
 
