@@ -124,7 +124,10 @@ class AdapterModel(nn.Module):
                     "transformers' Conv1D"
                 )
             targets += [p for p in usable if p not in targets]
-        norms = [p for p, m in named if is_norm(m, config.norm_layers) and p not in heads and not _under_any(p, heads)]
+        norms: list[str] = []  # a norm inside another owned norm is part of that copy
+        for p, m in named:
+            if is_norm(m, config.norm_layers) and p not in heads and not _under_any(p, [*heads, *norms]):
+                norms.append(p)
         if not targets and not heads and not norms:
             raise TargetError("the configuration adapts nothing: give targets and/or heads")
         return targets, heads, norms
@@ -181,7 +184,14 @@ class AdapterModel(nn.Module):
         if head_modules:
             raise TargetError(f"head_modules names {sorted(head_modules)} which are not heads of this config")
         for path in norms:
-            norm = plain_copy(self._module_for_layer(path))  # starts from the backbone's statistics
+            module = self._module_for_layer(path)
+            taken = "a LoRA target" if path in specs else "a head" if path in heads else None
+            nested = _under_any(path, [*heads, *norms]) or norms.count(path) > 1
+            if taken is None and (nested or not is_norm(module, "all")):
+                taken = "not a normalisation layer of its own"
+            if taken is not None:
+                raise TargetError(f"{path} cannot be a norm the adapter owns: it is {taken}")
+            norm = plain_copy(module)  # starts from the backbone's statistics
             adapter.norms[module_key(path)] = norm
         adapter.to(next(iter(self.backbone.parameters()), torch.empty(0)).device)
         self.adapters[name] = adapter
@@ -314,6 +324,7 @@ class AdapterModel(nn.Module):
         for n in names:
             self._require(n)
         if isinstance(spec, Stack):  # a DoRA layer does not sum with other deltas (LayerSite.dora_blocker)
+            self._check_stack_norms(spec)
             for site in self._sites.values():
                 if (why := site.dora_blocker(spec.weighted)) is not None:
                     raise ConfigError(f"cannot activate {spec!r}: {why}")
@@ -333,6 +344,20 @@ class AdapterModel(nn.Module):
         for n, adapter in self.adapters.items():
             adapter.requires_grad_(n in names)
         self._active = spec
+
+    def _check_stack_norms(self, stack: Stack) -> None:
+        """A Stack runs the norms of one adapter, the one whose head runs; a stacked adapter that owns a norm
+        where that one owns none would have its deltas run on the backbone's norm instead of its own: refused."""
+        head = self._stack_head(stack)
+        mine = {p for p, _ in self.adapters[head].norm_items()} if head else set()
+        for name in stack.names:
+            missing = [p for p, _ in self._require(name).norm_items() if p not in mine]
+            if missing:
+                raise ConfigError(
+                    f"cannot stack {name!r}: it owns the norm at {missing[0]}, and a Stack runs the norms of the "
+                    f"adapter whose head runs ({head or 'none'}), which has none there; give Stack(..., head="
+                    f"{name!r}), or combine them into one adapter"
+                )
 
     def _stack_head(self, stack: Stack) -> str | None:
         if stack.head is not None:
@@ -429,6 +454,7 @@ class AdapterModel(nn.Module):
         elif isinstance(spec, Stack):
             for n in spec.names:
                 self._require(n)
+            self._check_stack_norms(spec)
             weighted, head = spec.weighted, self._stack_head(spec)
         else:
             raise ConfigError(f"cannot merge {spec!r}: give an adapter name or a Stack")

@@ -329,8 +329,13 @@ def _train(
     if not groups:
         raise AdapterHubError("nothing to train: activate an adapter (or unfreeze parameters) first")
     params = [p for ps in groups.values() for p in ps]
+    was_training = model.training
     model.train()
-    distributed.refuse_batch_statistics(_adapter_norms(model))  # before the first collective
+    try:
+        distributed.refuse_batch_statistics(_adapter_norms(model))  # before the first collective
+    except ConfigError:
+        model.train(was_training)
+        raise
     distributed.broadcast_parameters(params)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)  # the same batches in every process
@@ -386,10 +391,9 @@ def _train(
 def _adapter_norms(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """The normalisation layers and heads of the adapters being trained, by backbone path."""
     for adapter in model.modules():
-        if isinstance(adapter, Adapter):
+        if isinstance(adapter, Adapter) and any(p.requires_grad for p in adapter.parameters()):  # being trained
             for path, module in [*adapter.norm_items(), *adapter.head_items()]:
-                if any(p.requires_grad for p in module.parameters()):
-                    yield from ((f"{path}.{n}" if n else path, m) for n, m in module.named_modules())
+                yield from ((f"{path}.{n}" if n else path, m) for n, m in module.named_modules())
 
 
 def _progress(enabled: bool, description: str, total: int):

@@ -97,7 +97,7 @@ def combine(
         kinds[path] = type(layers[0])
 
     heads = _combine_heads(adapters, names, ws, head)
-    norm_modules = _combine_norms(adapters, names, ws, norms)
+    norm_modules = _combine_norms(adapters, names, ws, norms, base_for)
     errors = {p: methods.overall_rel_error(r) for p, r in reports.items()}
     all_reports = [r for rs in reports.values() for r in rs]
     config = LoRAConfig(
@@ -251,13 +251,15 @@ def _norm_policy(adapters: list[Adapter], norms: str | None, names: Sequence[str
 
 
 def _combine_norms(
-    adapters: list[Adapter], names: Sequence[str], ws: list[float], norms: str | None
+    adapters: list[Adapter], names: Sequence[str], ws: list[float], norms: str | None,
+    base_for: Callable[[str], nn.Module],
 ) -> dict[str, nn.Module]:
     """Norms of the new adapter: ``norms=""`` none (the backbone's run), ``norms=name`` that adapter's,
-    otherwise at each path the weighted average Σwᵢθᵢ/Σwᵢ, over the sources that own a norm there, of the
-    affine parameters and of the running mean and running variance (a BatchNorm's ``num_batches_tracked``
-    is the largest). An average whose running variance is not positive somewhere (a negative weight) is
-    refused: that norm would divide by the square root of a negative number."""
+    otherwise at each path the weighted average Σwᵢθᵢ/Σwᵢ over every source (one that owns no norm there ran
+    the backbone's, which is what it contributes) of the affine parameters and of the running mean and
+    running variance (a BatchNorm's ``num_batches_tracked`` is the largest). An average whose running
+    variance is not positive somewhere (a negative weight) is refused: that norm would divide by the square
+    root of a negative number."""
     if norms == "":
         return {}
     if norms is not None:
@@ -267,7 +269,7 @@ def _combine_norms(
     out: dict[str, nn.Module] = {}
     maps = [dict(a.norm_items()) for a in adapters]
     for path in dict.fromkeys(p for m in maps for p in m):
-        sources = [(m[path], w) for m, w in zip(maps, ws) if path in m]
+        sources = [(m[path] if path in m else base_for(path), w) for m, w in zip(maps, ws)]
         total = sum(w for _, w in sources)
         if abs(total) < 1e-12:
             raise ConfigError(f"the weights of the norms at {path} sum to 0; choose one with norms='<adapter>'")

@@ -24,6 +24,7 @@ def matches(pattern: str, path: str, module: nn.Module) -> bool:
 NORM_LAYERS = ("batchnorm", "all", "frozen")
 # Norm classes of other libraries (transformers' T5LayerNorm, LlamaRMSNorm...) are known by their name.
 _NORM_SUFFIXES = ("LayerNorm", "RMSNorm", "GroupNorm")
+_RMS = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()  # torch >= 2.4
 
 
 def is_norm(module: nn.Module, norm_layers: str) -> bool:
@@ -39,7 +40,7 @@ def is_norm(module: nn.Module, norm_layers: str) -> bool:
         return True
     if norm_layers != "all":
         return False
-    kinds = (nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+    kinds = (nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm, *_RMS)
     return isinstance(module, kinds) or type(module).__name__.endswith(_NORM_SUFFIXES)
 
 

@@ -67,7 +67,8 @@ def test_torchrun_trains_in_two_processes_and_registers_once(setup: tuple[Path, 
     home, folder = setup
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-         "adapter_hub.cli", "train", "rot/ddp", "--backbone", "small", "--data", str(folder), "--epochs", "2"],
+         "adapter_hub.cli", "train", "rot/ddp", "--backbone", "small", "--data", str(folder), "--epochs", "2",
+         "--norm-layers", "frozen"],  # owned BatchNorms would take each process's own batch statistics
         env=_env(home), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -77,7 +78,7 @@ def test_torchrun_trains_in_two_processes_and_registers_once(setup: tuple[Path, 
         assert [v.ref for v in hub.versions("rot/ddp")] == ["rot/ddp:1"]
         # the same training in this one process, with the --full baseline
         single = train_adapter(hub, "rot/one", backbone="small", data_dir=str(folder), epochs=2, full=True,
-                               progress=False)  # fmt: skip
+                               progress=False, norm_layers="frozen")  # fmt: skip
         assert single is not None
         model = AdapterModel(backbones.build_backbone(SOURCE))
         hub.load_into(model, "rot/ddp:1", name="ddp")
@@ -92,3 +93,11 @@ def test_torchrun_trains_in_two_processes_and_registers_once(setup: tuple[Path, 
     assert metrics["test/accuracy"] == ddp_metrics["test/accuracy"]
     assert metrics["baseline/full_finetune_params"] == sum(p.numel() for p in model.backbone.parameters())
     assert 0.0 <= metrics["baseline/full_finetune_accuracy"] <= 1.0
+    owned = subprocess.run(  # the default owns every BatchNorm: refused in one line before the first step
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "adapter_hub.cli", "train", "rot/owned", "--backbone", "small", "--data", str(folder), "--epochs", "1"],
+        env=_env(home), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert owned.returncode != 0 and "whose batch statistics each of the 2 processes" in owned.stderr
+    with Hub.open(home) as hub:
+        assert sorted(a.name for a in hub.ls("rot")) == ["ddp", "one"], "nothing registered"

@@ -335,3 +335,20 @@ def test_one_adapters_head_may_be_another_adapters_norm():
     model.delete_adapter("h")
     model.delete_adapter("n")
     assert all("forward" not in m.__dict__ for m in model.backbone.modules()), "no site left behind"
+
+
+def test_a_stack_that_would_drop_an_adapters_norms_is_refused_and_combine_counts_the_backbones():
+    model = AdapterModel(backbone())
+    add(model, "frozen", 1, norm_layers="frozen")
+    add(model, "own", 2)
+    with pytest.raises(ConfigError, match="cannot stack 'own': it owns the norm at 1"):
+        model.activate(Stack("frozen", "own"))  # the head (and so the norms) would be 'frozen''s
+    with pytest.raises(ConfigError, match="cannot stack 'own'"):
+        model.merge(Stack("frozen", "own"))
+    assert model.merged is None
+    model.activate(Stack("frozen", "own", head="own"))  # said which: it runs
+    # a source without a norm there ran the backbone's: that is what it brings to the average
+    new = model.combine("avg", ["own", "frozen"], [0.5, 0.5])
+    mine, base = model.adapters["own"].norms["1"], model.backbone[1]
+    for key in ("weight", "running_mean", "running_var"):
+        torch.testing.assert_close(getattr(new.norms["1"], key), (getattr(mine, key) + getattr(base, key)) / 2)
