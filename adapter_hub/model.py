@@ -346,8 +346,11 @@ class AdapterModel(nn.Module):
         self._active = spec
 
     def _check_stack_norms(self, stack: Stack) -> None:
-        """A Stack runs the norms of one adapter, the one whose head runs; a stacked adapter that owns a norm
-        where that one owns none would have its deltas run on the backbone's norm instead of its own: refused."""
+        """A Stack runs the norms of one adapter, the one whose head runs. Unless the Stack names it
+        (``head=``), a stacked adapter that owns a norm where that one owns none would have its deltas run on
+        the backbone's norm instead of its own without anyone having said so: refused."""
+        if stack.head is not None:
+            return
         head = self._stack_head(stack)
         mine = {p for p, _ in self.adapters[head].norm_items()} if head else set()
         for name in stack.names:
@@ -355,8 +358,8 @@ class AdapterModel(nn.Module):
             if missing:
                 raise ConfigError(
                     f"cannot stack {name!r}: it owns the norm at {missing[0]}, and a Stack runs the norms of the "
-                    f"adapter whose head runs ({head or 'none'}), which has none there; give Stack(..., head="
-                    f"{name!r}), or combine them into one adapter"
+                    f"adapter whose head runs ({head or 'none'}), which has none there; say which with Stack(..., "
+                    f"head={name!r}), or combine them into one adapter"
                 )
 
     def _stack_head(self, stack: Stack) -> str | None:
