@@ -49,6 +49,24 @@ def add(model: AdapterModel, name: str, seed: int, **cfg) -> None:
                 b.mul_(torch.rand(b.shape, generator=g) + 0.5)
 
 
+def folded(layer) -> torch.Tensor:
+    """(α/r)·B·A of a Linear or Conv2d layer, written out here from its factors."""
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    delta = (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:]) if a.dim() == 4 else b @ a
+    return layer.scaling * delta
+
+
+def sgd_steps(model: nn.Module, steps: int) -> None:
+    """Plain SGD on whatever requires grad, in training mode, then back to eval."""
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), Y).backward()
+        opt.step()
+    model.eval()
+
+
 def reference(model: AdapterModel, name: str) -> nn.Module:
     """The backbone copied, each delta folded into its weight by hand (W + (α/r)·B·A, written out here), the
     adapter's head and norms loaded in place of the backbone's."""
@@ -58,12 +76,7 @@ def reference(model: AdapterModel, name: str) -> nn.Module:
     adapter = model.adapters[name]
     with torch.no_grad():
         for path, layer in adapter.layer_items():
-            a, b = layer.lora_A.weight, layer.lora_B.weight
-            if a.dim() == 4:
-                delta = (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
-            else:
-                delta = b @ a
-            ref.get_submodule(path).weight.add_(layer.scaling * delta)
+            ref.get_submodule(path).weight.add_(folded(layer))
         for path, module in [*adapter.head_items(), *adapter.norm_items()]:
             ref.get_submodule(path).load_state_dict(module.state_dict())
     return ref
@@ -115,13 +128,7 @@ def test_training_one_adapter_changes_nothing_else(norm_layers):
         b_before = model(X)
     a_stats = copy.deepcopy(model.adapters["a"].state_dict())
     model.activate("a")
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    for _ in range(3):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(X), Y).backward()
-        opt.step()
-    model.eval()
+    sgd_steps(model, 3)
     for k, v in model.backbone.state_dict().items():
         assert torch.equal(v, backbone_state[k]), k
     for k, v in model.adapters["b"].state_dict().items():
@@ -197,9 +204,7 @@ def test_stack_runs_the_norms_of_the_adapter_whose_head_runs():
     ref = reference(model, "b")
     with torch.no_grad():  # a's delta on top of b's folded reference
         for path, layer in model.adapters["a"].layer_items():
-            a, b = layer.lora_A.weight, layer.lora_B.weight
-            delta = (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:]) if a.dim() == 4 else b @ a
-            ref.get_submodule(path).weight.add_(layer.scaling * delta)
+            ref.get_submodule(path).weight.add_(folded(layer))
         torch.testing.assert_close(got, ref(X), rtol=1e-5, atol=1e-5)
 
 
@@ -276,13 +281,7 @@ def test_peft_modules_to_save_both_ways(tmp_path):
     cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, modules_to_save=["1", HEAD],
                           init_lora_weights=False)  # fmt: skip
     theirs = peft.get_peft_model(backbone(), cfg)
-    theirs.train()
-    opt = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=0.1)
-    for _ in range(2):
-        opt.zero_grad()
-        nn.functional.cross_entropy(theirs(X), Y).backward()
-        opt.step()
-    theirs.eval()
+    sgd_steps(theirs, 2)
     theirs.save_pretrained(tmp_path / "theirs")
     with torch.no_grad():
         peft_out = theirs(X)
