@@ -3,6 +3,7 @@ input transform a backbone expects (resize, centre crop, normalisation) for imag
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,7 @@ def digits(
     ``pool="source"`` / ``"target"`` take two disjoint halves of the 1,797 images, so that a backbone
     trained on the source pool never saw the target tasks' images in any domain.
     """
+    seed = checks.seed(seed)
     if domain not in DOMAINS:
         raise DataError(f"unknown digits domain {domain!r}; choose one of {', '.join(DOMAINS)}")
     if labels not in LABELS:
@@ -127,10 +129,20 @@ def digits(
 
 
 def write_imagefolder(dataset: Dataset, directory: str | Path) -> Path:
-    """Write ``train/``, ``val/`` and ``test/`` ImageFolder trees of PNG files (one folder per class)."""
+    """Write ``train/``, ``val/`` and ``test/`` ImageFolder trees of PNG files (one folder per class) into
+    ``directory``: a new folder (its parent must exist) or an empty one — images written over an earlier tree
+    would mix with what is left of it."""
     from torchvision.utils import save_image
 
     root = Path(directory)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root} is a file, not a folder")
+    if root.is_dir() and any(root.iterdir()):
+        raise DataError(f"{root} is not empty: write the images into a new or empty folder")
+    if not root.is_dir():
+        checks.writable_file(root, "output folder")  # its parent exists and may be written
+    elif not os.access(root, os.W_OK | os.X_OK):
+        raise DataError(f"{root} is not writable")
     for split_name in ("train", "val", "test"):
         split: Split = getattr(dataset, split_name)
         for i, (img, label) in enumerate(zip(split.x, split.y.tolist())):
@@ -348,20 +360,51 @@ def _read_split(path: Path, class_to_idx: dict[str, int], transform: Callable[[A
         raise DataError(f"{path}: {str(exc).splitlines()[0]}") from None
     if not samples:
         raise DataError(f"{path} holds no images")
-    return Split(torch.stack([_image(file, transform) for file, _ in samples]),
+    return Split(stack_images([(file, _image(file, transform)) for file, _ in samples]),
                  torch.tensor([label for _, label in samples]))  # fmt: skip
+
+
+def stack_images(images: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """The images as one batch; the first whose shape differs from the first image's is a DataError naming
+    both files (images of several sizes need an input size: ``backbone add --image-size``)."""
+    first_file, first = images[0]
+    for file, image in images:
+        if image.shape != first.shape:
+            raise DataError(
+                f"{file}: image of {_size(image)}, but {first_file} is {_size(first)}; images of several sizes "
+                "need an input size to be resized to (record one with the backbone: backbone add --image-size)"
+            )
+    return torch.stack([image for _, image in images])
+
+
+def _size(image: torch.Tensor) -> str:
+    return f"{image.shape[-1]}×{image.shape[-2]} px" + (f" ({image.shape[0]} channels)" if image.dim() == 3 else "")
 
 
 def _image(file: str, transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
     """One image file through ``transform``; a file PIL cannot read is a DataError naming it."""
-    from torchvision.datasets.folder import default_loader
+    return transform(read_image(file))
+
+
+def read_image(file: str | Path) -> Any:
+    """The PIL image in ``file``, as RGB. A file PIL cannot read (not an image, truncated) or an image of more
+    pixels than PIL's ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb: a small file that decodes to
+    gigabytes) is a DataError naming the file; nothing is skipped, so a run never trains on fewer images
+    than the folder holds without saying so."""
+    import warnings
+
+    from PIL import Image
 
     try:
-        image = default_loader(file)
-    except OSError as exc:  # PIL's UnidentifiedImageError is one; a truncated file raises another
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as img:
+                return _rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{file}: refused, {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError; PIL's plugins
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__  # raise the other two too
         raise DataError(f"{file}: not a readable image ({reason})") from None
-    return transform(image)
 
 
 def _read_held_out(path: Path, train_classes: dict[str, int], transform: Callable[[Any], torch.Tensor]) -> Split:

@@ -281,6 +281,7 @@ class AdapterModel(nn.Module):
         config = copy.deepcopy(record.config)
         config.heads = list(record.heads)  # the paths the heads were found at, not the patterns
         tensors = record.tensors
+        _check_claimed_ranks(record)
         head_modules = {p: head_from_tensors(self._module_for_layer(p), p, tensors, source) for p in config.heads}
         adapter = self.add_adapter(
             name, config, head_modules=head_modules, layer_specs=record.layers, norm_paths=record.norms
@@ -580,6 +581,24 @@ def _names(spec: str | Stack | Switch | None) -> tuple[str, ...]:
     if isinstance(spec, Stack | Switch):
         return spec.names
     return ()
+
+
+def _check_claimed_ranks(record: AdapterRecord) -> None:
+    """Each layer's rank as its record states it (``rank``, else ``r``) against the rows of the lora_A tensor
+    it comes with, before any layer is built: a hostile record claiming rank 4,194,304 beside rank-2 tensors
+    is refused here instead of allocating gigabytes for factors the tensors then fail to fill."""
+    missing = sorted(f"{path}.lora_A.weight" for path in record.layers if f"{path}.lora_A.weight" not in record.tensors)
+    if missing:
+        raise AdapterFileError(f"{record.source}: missing key {missing[0]}" + _more(missing))
+    for path, spec in record.layers.items():
+        if not isinstance(spec, dict):
+            raise AdapterFileError(f"{record.source}: the record of layer {path} is not a mapping")
+        claimed = spec.get("rank", spec.get("r"))
+        a = record.tensors[f"{path}.lora_A.weight"]
+        if type(claimed) is int and a.dim() >= 1 and a.shape[0] != claimed:
+            raise AdapterFileError(
+                f"{record.source}: layer {path} is recorded with rank {claimed}, but its lora_A has {a.shape[0]} rows"
+            )
 
 
 def _more(keys: list[str]) -> str:

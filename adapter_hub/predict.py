@@ -72,6 +72,8 @@ def read_inputs(source: str | Path, tasks: Sequence[str]) -> list[Item]:
     source = Path(source)
     if not source.exists():
         raise DataError(f"data {source} does not exist")
+    if not (source.is_file() or source.is_dir()):  # a device or a pipe (/dev/zero) could be read without end
+        raise DataError(f"data {source} is neither a regular file nor a folder")
     items = _from_csv(source) if source.is_file() else _from_folders(source, tasks)
     if not items:
         raise DataError(f"{source} holds no images")
@@ -82,17 +84,26 @@ def read_inputs(source: str | Path, tasks: Sequence[str]) -> list[Item]:
 
 
 def _from_csv(path: Path) -> list[Item]:
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"path", "task"} <= set(reader.fieldnames):
-            raise DataError(f"{path} needs the columns path and task (and optionally label)")
-        items = []
-        for line, row in enumerate(reader, start=2):
-            label = (row.get("label") or "").strip()
-            if label and not label.lstrip("-").isdigit():
-                raise DataError(f"{path}:{line}: label {label!r} is not a class index")
-            target = (path.parent / row["path"]).resolve()
-            items.append(Item(target, row["task"].strip(), int(label) if label else None))
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a byte-order mark is dropped
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"path", "task"} <= set(reader.fieldnames):
+                raise DataError(f"{path} needs the columns path and task (and optionally label)")
+            items = []
+            for line, row in enumerate(reader, start=2):
+                if None in row or any(row.get(k) is None for k in ("path", "task")):
+                    raise DataError(f"{path}:{line}: the row's fields do not match the header's columns")
+                label = (row.get("label") or "").strip()
+                if label and not label.lstrip("-").isdigit():
+                    raise DataError(f"{path}:{line}: label {label!r:.60} is not a class index")
+                if "\0" in row["path"] or not row["path"].strip():
+                    raise DataError(f"{path}:{line}: the path is empty or holds a NUL character")
+                target = (path.parent / row["path"]).resolve()
+                items.append(Item(target, row["task"].strip(), int(label) if label else None))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable CSV file ({exc})") from None
     return items
 
 
@@ -284,19 +295,9 @@ def _predict_texts(
 
 
 def _load(items: Sequence[Item], transform) -> torch.Tensor:
-    from PIL import Image
+    from .data import read_image, stack_images
 
-    tensors = []
-    for it in items:
-        try:
-            with Image.open(it.path) as img:
-                tensors.append(transform(img))
-        except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read image {it.path}: {exc}") from None
-    shapes = {tuple(t.shape) for t in tensors}
-    if len(shapes) > 1:
-        raise DataError(f"the images differ in size ({sorted(shapes)}); resize them to one size")
-    return torch.stack(tensors)
+    return stack_images([(str(it.path), transform(read_image(it.path))) for it in items])
 
 
 def write_predictions(result: PredictResult, path: str | Path) -> Path:

@@ -51,6 +51,8 @@ def read_rows(path: str | Path, required: Sequence[str] = ("text", "label")) -> 
         raise DataError(f"data file {path} does not exist")
     if path.is_dir():
         raise DataError(f"{path} is a folder; text data is a .csv or .jsonl file")
+    if not path.is_file():  # a device or a pipe (/dev/zero) could be read without end
+        raise DataError(f"{path} is not a regular file")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: text data is a .csv or .jsonl file, got {suffix or 'no suffix'}")
@@ -113,6 +115,8 @@ def _jsonl(path: Path) -> tuple[list[str], list[Row]]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{number}: JSON nested too deeply") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object with text and label, got {_shown(record)}")
             columns.update(dict.fromkeys(record))

@@ -24,10 +24,13 @@ from .transfer import export, import_
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 @click.option("--trust-code", is_flag=True,
               help="Run the module:callable factory a registered backbone names (code from the registry).")  # fmt: skip
+@click.option("--debug", is_flag=True, envvar="ADAPTER_HUB_DEBUG",
+              help="Show the traceback of an unexpected error (a defect) instead of one line.")  # fmt: skip
 @click.pass_context
-def main(ctx: click.Context, home: str | None, db: str | None, as_json: bool, trust_code: bool) -> None:
+def main(ctx: click.Context, home: str | None, db: str | None, as_json: bool, trust_code: bool, debug: bool) -> None:
     """One frozen backbone, many LoRA adapters."""
     state = ctx.ensure_object(State)
+    state.debug = debug or state.debug
     state.home, state.db, state.json = home, db, as_json or state.json
     state.trust_code = trust_code or state.trust_code
     if state.trust_code:

@@ -40,10 +40,39 @@ class HubGroup(click.Group):
             warnings.showwarning = show
             try:
                 return super().invoke(ctx)
+            except click.UsageError as exc:  # a subcommand's arguments (parsed inside this invoke)
+                raise usage_line(exc) from None
+            except (click.ClickException, click.exceptions.Exit, click.Abort):  # click's own ways out
+                raise
             except Exception as exc:
-                if not errors.is_user_error(exc):
+                if errors.is_user_error(exc):
+                    raise click.ClickException(one_line(exc)) from None
+                state = ctx.find_object(State)
+                if state is not None and state.debug:
                     raise
-                raise click.ClickException(one_line(exc)) from None
+                # The last resort: every input a user can give is checked where it enters and refused with its
+                # own line; an exception that still gets here is a defect, shown as one line, not a traceback.
+                raise click.ClickException(
+                    f"unexpected {type(exc).__name__}: {one_line(exc)} — a defect in adapter-hub; rerun with "
+                    "--debug for the traceback"
+                ) from None
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:  # fmt: skip
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:  # the group's own options (--home, --db, ...)
+            raise usage_line(exc) from None
+
+
+def usage_line(exc: click.UsageError) -> click.ClickException:
+    """A usage error (a bad option value, an unknown option, a missing argument) as one line with exit code 1,
+    like every other refusal, pointing at the command's --help instead of printing the usage block. A group
+    called without its subcommand keeps click's help page."""
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        return exc
+    where = exc.ctx.command_path if exc.ctx is not None else "adapter-hub"
+    return click.ClickException(f"{one_line(Exception(exc.format_message()))} (`{where} --help` lists the options)")
 
 
 @dataclass
@@ -52,6 +81,7 @@ class State:
     db: str | None = None
     json: bool = False
     trust_code: bool = False  # --trust-code: rebuilds may run a registry record's module:callable
+    debug: bool = False  # --debug: an unexpected exception shows its traceback instead of one line
     _hub: Any = field(default=None, repr=False)
 
     def hub(self) -> Any:

@@ -11,6 +11,8 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from .. import checks
+from ..errors import ConfigError
 from ..registry import Lineage, Version
 from ..registry.errors import RegistryError
 from ..registry.render import to_dot, to_mermaid
@@ -157,6 +159,10 @@ def _tree(graph: Lineage) -> Tree:
 @pass_state
 def lineage(state: State, ref: str, fmt: str, output: str | None) -> None:
     """Ancestors and descendants of REF: a tree, Graphviz dot, Mermaid, or a PNG (needs Graphviz)."""
+    if output is not None:
+        if fmt == "tree" or state.json:
+            raise ConfigError("-o writes --format dot, mermaid or png; the tree and --json go to the terminal")
+        checks.writable_file(output, "-o")
     graph = state.hub().lineage(ref)
     if state.json:
         emit_json(graph.to_dict())

@@ -69,6 +69,8 @@ def combine(
 
     layer_maps = [dict(a.layer_items()) for a in adapters]
     paths = list(dict.fromkeys(p for layers in layer_maps for p in layers))
+    if rank is not None and method not in EXACT:
+        _check_rank(rank, [layer for layers in layer_maps for layer in layers.values()])
     merged: dict[str, dict[str, Factors]] = {}
     specs: dict[str, dict[str, Any]] = {}
     kinds: dict[str, type[LoRALayer]] = {}
@@ -165,6 +167,15 @@ def _layer_state(
             layer_specs[path] = layer.spec()
             tensors.update({f"{path}.{k}": t.detach().cpu().contiguous() for k, t in layer.state_dict().items()})
     return layer_specs, tensors
+
+
+def _check_rank(rank: int, layers: list[LoRALayer]) -> None:
+    """Refuse a target rank above what any combined ΔW block can have (min of its rows and columns): beyond
+    that the factors would only be padded with zeros, at the cost of memory the rank asks for."""
+    most = max((min(b.shape[0], a.shape[1]) for layer in layers for blocks in layer.factors().values()
+                for b, a in blocks), default=0)  # fmt: skip
+    if rank > most:
+        raise ConfigError(f"rank {rank} is more than any combined layer's ΔW can have (at most {most} here)")
 
 
 def _combine_block(

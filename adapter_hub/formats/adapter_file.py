@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -124,11 +125,20 @@ def read_header(data: bytes, source: str) -> dict[str, Any]:
         raise AdapterFileError(f"{source}: not a safetensors file, or truncated (header of {n} bytes)")
     try:
         header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise AdapterFileError(f"{source}: not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise AdapterFileError(f"{source}: not a safetensors file (header is not a mapping)")
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    ends = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise AdapterFileError(f"{source}: not a safetensors file (metadata is not a mapping of strings)")
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+            raise AdapterFileError(f"{source}: not a safetensors file (tensor {key!r} has no valid data_offsets)")
+        ends.append(offsets[1])
     if max(ends, default=0) > len(data) - 8 - n:
         raise AdapterFileError(f"{source}: truncated ({len(data)} bytes, the header promises more)")
     return header
@@ -158,19 +168,15 @@ def decode(data: bytes, source: str = "adapter data") -> AdapterRecord:
             f"{source}: adapter file format {version} is newer than this adapter-hub reads ({FORMAT_VERSION}); "
             "upgrade adapter-hub"
         )
-    try:
-        config = LoRAConfig.from_dict(json.loads(meta["adapter_hub.config"]))
-        specs = json.loads(meta["adapter_hub.layers"])
-        heads = json.loads(meta.get("adapter_hub.heads", "[]"))
-        norms = json.loads(meta.get("adapter_hub.norms", "[]"))
-        extra = json.loads(meta.get("adapter_hub.metadata", "{}"))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise AdapterFileError(f"{source}: malformed adapter_hub metadata ({exc})") from None
-    paths_ok = all(isinstance(x, list) and all(isinstance(p, str) for p in x) for x in (heads, norms))
-    if not isinstance(specs, dict) or not paths_ok or not isinstance(extra, dict):
-        raise AdapterFileError(
-            f"{source}: malformed adapter_hub metadata (layers, heads, norms or metadata of a wrong type)"
-        )
+    config = LoRAConfig.from_dict(_json(meta, "adapter_hub.config", None, dict, source))
+    specs = _json(meta, "adapter_hub.layers", None, dict, source)
+    heads = _json(meta, "adapter_hub.heads", "[]", list, source)
+    norms = _json(meta, "adapter_hub.norms", "[]", list, source)
+    extra = _json(meta, "adapter_hub.metadata", "{}", dict, source)
+    if not all(isinstance(p, str) for p in (*heads, *norms)):
+        raise AdapterFileError(f"{source}: malformed adapter_hub metadata (heads and norms must be lists of paths)")
+    if not all(isinstance(spec, dict) for spec in specs.values()):
+        raise AdapterFileError(f"{source}: malformed adapter_hub metadata (each layer's record must be a mapping)")
     return AdapterRecord(
         config=config,
         layers=specs,
@@ -183,10 +189,54 @@ def decode(data: bytes, source: str = "adapter data") -> AdapterRecord:
     )
 
 
-def load(path: str | os.PathLike) -> AdapterRecord:
-    """The record in the adapter file at ``path``."""
+def _json(meta: Mapping[str, str], key: str, default: str | None, kind: type, source: str) -> Any:
+    """The JSON value of metadata ``key`` (``default`` when absent; required when None), of type ``kind``."""
+    text = meta.get(key, default)
+    if text is None:
+        raise AdapterFileError(f"{source}: malformed adapter_hub metadata (no {key})")
     try:
-        data = Path(path).read_bytes()
+        value = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: a hostile header nested thousands deep
+        raise AdapterFileError(f"{source}: malformed adapter_hub metadata ({key} is not valid JSON)") from None
+    if not isinstance(value, kind):
+        raise AdapterFileError(
+            f"{source}: malformed adapter_hub metadata ({key} must be a JSON {'object' if kind is dict else 'array'}, "
+            f"got {type(value).__name__})"
+        )
+    return value
+
+
+def load(path: str | os.PathLike) -> AdapterRecord:
+    """The record in the adapter file at ``path`` (a regular file; see ``read_file``)."""
+    return decode(read_file(path, "an adapter file"), source=str(path))
+
+
+# A regular file is read whole; this bounds what a path given by a user may cost in memory.
+MAX_FILE_BYTES = int(os.environ.get("ADAPTER_HUB_MAX_FILE_BYTES", str(16 * 1024**3)))
+
+
+def read_file(path: str | os.PathLike, what: str, *, limit: int | None = None) -> bytes:
+    """The bytes of the regular file at ``path`` (symlinks followed), refused in one AdapterFileError line when
+    it is missing, not a regular file (a directory, /dev/zero, a pipe: these could be read without end) or
+    larger than ``limit`` (default MAX_FILE_BYTES)."""
+    try:
+        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer; it changes nothing for a regular file
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            info = os.fstat(f.fileno())
+            if stat.S_ISDIR(info.st_mode):
+                raise AdapterFileError(f"{path} is a directory, not {what}")
+            if not stat.S_ISREG(info.st_mode):
+                raise AdapterFileError(f"{path} is not a regular file ({what} is read from one)")
+            if info.st_size > (limit or MAX_FILE_BYTES):
+                raise AdapterFileError(
+                    f"{path}: {info.st_size:,} bytes, more than {what} may take here ({limit or MAX_FILE_BYTES:,}"
+                    + ("" if limit else "; ADAPTER_HUB_MAX_FILE_BYTES raises the limit") + ")"
+                )
+            data = f.read(info.st_size + 1)
+    except IsADirectoryError:
+        raise AdapterFileError(f"{path} is a directory, not {what}") from None
     except OSError as exc:
         raise AdapterFileError(f"{path}: cannot read ({exc.strerror})") from None
-    return decode(data, source=str(path))
+    if len(data) > info.st_size:
+        raise AdapterFileError(f"{path}: the file grew while it was read")
+    return data

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import regex
 import safetensors.torch
 import torch
 from torch import nn
@@ -35,13 +36,14 @@ from ..lora import (
     lora_class_for,
     lora_scaling,
 )
-from .adapter_file import read_tensors
+from .adapter_file import read_file, read_tensors
 from .record import AdapterRecord
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _MHA_OUT = ".base_layer.out_proj"
+_CONFIG_MAX = 16 * 1024 * 1024  # a PEFT config is a few KB; a larger one is not one
 
 
 def _peft_alpha(scaling: float, rank: int, use_rslora: bool) -> float:
@@ -238,19 +240,81 @@ def export_peft(
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+# A pattern key is a regex from the file: matching is bounded in time so a key built to backtrack
+# catastrophically (``(((.*)*)*)*!``) is refused instead of hanging the import.
+_PATTERN_SECONDS = 1.0
+_PATTERN_KEY_MAX = 1000
+
+
 def _pattern_value(patterns: dict[str, Any], path: str, default: Any, source: str) -> Any:
     """PEFT's rule (``get_pattern_key``), in the file's key order: the first key ``k`` for which
     ``re.match(rf"(.*\\.)?({k})$", path)`` holds gives the value, i.e. a regex that matches the end of the
     name after a dot or the whole name (``^``-anchored keys: the whole name only); else the entry named
-    exactly ``path``, else ``default``."""
+    exactly ``path``, else ``default``. Matched with the ``regex`` package (``re``'s syntax) under a time
+    limit."""
     for key, value in patterns.items():
         try:
-            hit = re.match(rf"(.*\.)?({key})$", path)
-        except re.error as exc:
-            raise AdapterFileError(f"{source}: pattern key {key!r} is not a valid regex ({exc})") from None
+            hit = regex.match(rf"(.*\.)?({key})$", path, timeout=_PATTERN_SECONDS)
+        except regex.error as exc:
+            raise AdapterFileError(f"{source}: pattern key {key!r:.200} is not a valid regex ({exc})") from None
+        except TimeoutError:
+            raise AdapterFileError(
+                f"{source}: pattern key {key!r:.200} takes more than {_PATTERN_SECONDS:g} s to match {path!r}; "
+                "refused (a regex that backtracks without end)"
+            ) from None
         if hit:
             return value
     return patterns.get(path, default)
+
+
+def _read_config(root: Path) -> dict[str, Any]:
+    """``adapter_config.json`` as a mapping whose fields that the import reads have PEFT's types: r and
+    rank_pattern values positive integers, lora_alpha and alpha_pattern values finite numbers, flags true or
+    false, lora_dropout in [0, 1), modules_to_save a list of names, pattern keys strings of at most
+    _PATTERN_KEY_MAX characters. Anything else is one AdapterFileError naming the field."""
+    path = root / CONFIG_NAME
+    text = read_file(path, "a PEFT config", limit=_CONFIG_MAX)
+    try:
+        cfg = json.loads(text)
+    except (ValueError, RecursionError):
+        raise AdapterFileError(f"{path}: not valid JSON") from None
+    if not isinstance(cfg, dict):
+        raise AdapterFileError(f"{path}: not a PEFT config (a JSON object)")
+
+    def bad(name: str, want: str) -> AdapterFileError:
+        return AdapterFileError(f"{path}: {name} must be {want}, got {_shown(cfg.get(name))}")
+
+    def whole(value: Any) -> bool:
+        return type(value) is int and value >= 1
+
+    def finite(value: Any) -> bool:
+        return type(value) in (int, float) and math.isfinite(value)
+
+    if not whole(cfg.get("r", 8)):
+        raise bad("r", "a positive integer")
+    if not finite(cfg.get("lora_alpha", 8)):
+        raise bad("lora_alpha", "a finite number")
+    for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
+        if cfg.get(flag) not in (None, True, False):
+            raise bad(flag, "true or false")
+    dropout = cfg.get("lora_dropout")
+    if dropout is not None and not (finite(dropout) and 0 <= dropout < 1):
+        raise bad("lora_dropout", "a number in [0, 1)")
+    for name, ok, want in (("rank_pattern", whole, "a positive integer"), ("alpha_pattern", finite, "a finite number")):
+        patterns = cfg.get(name) or {}
+        if not isinstance(patterns, dict):
+            raise bad(name, "a mapping of module patterns to numbers")
+        for key, value in patterns.items():
+            if len(key) > _PATTERN_KEY_MAX:
+                raise AdapterFileError(f"{path}: {name} key {_shown(key)} is longer than {_PATTERN_KEY_MAX} characters")
+            if not ok(value):
+                raise AdapterFileError(f"{path}: {name}[{_shown(key)}] must be {want}, got {_shown(value)}")
+    saved = cfg.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
+        raise bad("modules_to_save", "a list of module names")
+    if not isinstance(cfg.get("peft_type"), str | None):
+        raise bad("peft_type", "a string")
+    return cfg
 
 
 # Every field of PEFT's LoraConfig (peft 0.21) is in exactly one of the three tables below.
@@ -288,6 +352,11 @@ REFUSED_FIELDS = {
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 VALUE_JUDGED_FIELDS = ("bias", "init_lora_weights")  # refused for some values only (see _refuse_changed_maths)
 _PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
+
+
+def _plain_name(name: Any) -> bool:
+    """Whether ``name`` is one folder name: a subfolder of the directory, never a way out of it."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
 def _unset(value: Any) -> bool:
@@ -328,25 +397,26 @@ def _refuse_changed_maths(cfg: dict[str, Any], root: Path) -> None:
 def import_peft(backbone: nn.Module, directory: str | os.PathLike, *, adapter_name: str = "default") -> AdapterRecord:
     """The record of a PEFT LoRA directory, for ``backbone`` (an adapter not called "default" may sit in
     a subfolder named after it). PEFT keeps no backbone fingerprint: the record's is ""."""
+    if not _plain_name(adapter_name):
+        raise AdapterFileError(f"PEFT adapter name {_shown(adapter_name)} must be one folder name (no '/', not '..')")
     root = Path(directory)
     if not (root / CONFIG_NAME).exists() and (root / adapter_name / CONFIG_NAME).exists():
         root = root / adapter_name
-    try:
-        cfg = json.loads((root / CONFIG_NAME).read_text())
-        data = (root / WEIGHTS_NAME).read_bytes()
-    except OSError as exc:
-        raise AdapterFileError(f"{root}: not a PEFT adapter directory ({exc.strerror}: {exc.filename})") from None
-    except json.JSONDecodeError:
-        raise AdapterFileError(f"{root / CONFIG_NAME}: not valid JSON") from None
-    if not isinstance(cfg, dict):
-        raise AdapterFileError(f"{root / CONFIG_NAME}: not a PEFT config (a JSON object)")
+    if not root.is_dir():
+        why = "not a directory" if root.exists() else "it does not exist"
+        raise AdapterFileError(f"{root}: not a PEFT adapter directory ({why})")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (root / name).exists():
+            raise AdapterFileError(f"{root}: not a PEFT adapter directory (no {name})")
+    cfg = _read_config(root)
+    data = read_file(root / WEIGHTS_NAME, "PEFT weights")
     if cfg.get("peft_type") != "LORA":
         raise AdapterFileError(f"{root}: peft_type is {cfg.get('peft_type')!r}, only LORA adapters import")
     use_dora = bool(cfg.get("use_dora"))  # DoRA: each layer's magnitude is read too (_import_magnitude)
     _refuse_changed_maths(cfg, root)
     source = str(root / WEIGHTS_NAME)
     raw, _ = read_tensors(data, source)
-    r0, alpha0 = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    r0, alpha0 = cfg.get("r", 8), float(cfg.get("lora_alpha", 8))
     rslora = bool(cfg.get("use_rslora", False))
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
 

@@ -72,6 +72,8 @@ def spec_float(spec: Mapping[str, Any], key: str) -> float:
     value = _spec_field(spec, key)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise LoRAConfigError(f"layer spec field {key!r} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise LoRAConfigError(f"layer spec field {key!r} must be a finite number, got {value!r}")
     return float(value)
 
 

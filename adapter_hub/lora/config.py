@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -77,21 +79,27 @@ class LoRAConfig:
     norm_layers: str = "batchnorm"
 
     def __post_init__(self) -> None:
-        self.targets = [_pattern(t) for t in ([self.targets] if isinstance(self.targets, str | type) else self.targets)]
-        self.heads = [_pattern(h) for h in ([self.heads] if isinstance(self.heads, str) else self.heads)]
-        self.rank_pattern = {str(k): int(v) for k, v in self.rank_pattern.items()}
-        self.alpha_pattern = {str(k): float(v) for k, v in self.alpha_pattern.items()}
-        self.alpha = float(self.alpha)
-        bad = [(k, v) for k, v in [("r", self.r), *self.rank_pattern.items()] if v <= 0]
-        if bad:
-            raise LoRAConfigError(f"LoRA rank must be a positive integer: {bad[0][0]} = {bad[0][1]}")
+        # A config also arrives from files (an adapter file's header, a registry record): every field is
+        # checked for its type and range here, so a hostile value is one LoRAConfigError, not a wrong number.
+        self.targets = _patterns("targets", self.targets)
+        self.heads = _patterns("heads", self.heads)
+        self.r = _rank("r", self.r)
+        self.alpha = _finite("alpha", self.alpha)
+        self.rank_pattern = {
+            k: _rank(f"rank_pattern[{k!r}]", v) for k, v in _mapping("rank_pattern", self.rank_pattern)
+        }
+        self.alpha_pattern = {
+            k: _finite(f"alpha_pattern[{k!r}]", v) for k, v in _mapping("alpha_pattern", self.alpha_pattern)
+        }
+        self.dropout = _finite("dropout", self.dropout)
         if not 0.0 <= self.dropout < 1.0:
             raise LoRAConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not isinstance(self.use_dora, bool):
-            raise LoRAConfigError(f"use_dora must be true or false, got {self.use_dora!r}")
-        if self.norm_layers not in NORM_LAYERS:
+        for flag in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise LoRAConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if not isinstance(self.norm_layers, str) or self.norm_layers not in NORM_LAYERS:
             raise LoRAConfigError(f"unknown norm_layers {self.norm_layers!r}; choose one of {', '.join(NORM_LAYERS)}")
-        if self.init not in INITS:
+        if not isinstance(self.init, str) or self.init not in INITS:
             raise LoRAConfigError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
 
     def rank_for(self, path: str) -> int:
@@ -104,8 +112,41 @@ class LoRAConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LoRAConfig:
+    def from_dict(cls, data: Any) -> LoRAConfig:
         """The config of a stored dict. A dict without ``norm_layers`` was written before adapters owned
         norms, when every adapter ran the backbone's: it reads as ``"frozen"``."""
+        if not isinstance(data, dict):
+            raise LoRAConfigError(f"a LoRA config must be a mapping, got {type(data).__name__}")
         known = cls.__dataclass_fields__
         return cls(**{"norm_layers": "frozen", **{k: v for k, v in data.items() if k in known}})
+
+
+def _patterns(name: str, value: Any) -> list[str]:
+    if isinstance(value, str | type):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str | type) for v in value):
+        raise LoRAConfigError(f"{name} must be a list of module names or patterns, got {_shown(value)}")
+    return [_pattern(v) for v in value]
+
+
+def _rank(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise LoRAConfigError(f"LoRA rank must be a positive integer: {name} = {_shown(value)}")
+    return int(value)
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise LoRAConfigError(f"{name} must be a finite number, got {_shown(value)}")
+    return float(value)
+
+
+def _mapping(name: str, value: Any) -> list[tuple[str, Any]]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise LoRAConfigError(f"{name} must map module patterns to numbers, got {_shown(value)}")
+    return list(value.items())
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "…"

@@ -187,6 +187,13 @@ def database_error(exc: BaseException, where: str, *, writing: bool = False) -> 
         error = translate(exc, where, writing=writing, committing=False)
         if isinstance(error, RegistryBusy | ReadOnlyRegistry | StorageFull):
             return error
+    if isinstance(exc, ModuleNotFoundError):  # the URL's driver (mysqlclient, psycopg, ...) is not installed
+        return DatabaseUnreachable(
+            f"cannot open database {where}: its driver module {exc.name!r} is not installed (pip install it, "
+            "or use a sqlite:// or postgresql+psycopg:// URL)"
+        )
+    if isinstance(exc, NoSuchModuleError):
+        return DatabaseUnreachable(f"cannot open database {where}: {str(exc).strip()} (no such database kind)")
     reason = str(getattr(exc, "orig", None) or exc).strip()
     first = reason.splitlines()[0] if reason else type(exc).__name__
     return DatabaseUnreachable(f"cannot open database {where}: {first}")
@@ -226,6 +233,21 @@ def status(state: SchemaState) -> str:
     return "empty" if state.empty else "outdated" if state.known else "newer"
 
 
+def _refuse_downgrade(state: SchemaState, revision: str, where: str) -> None:
+    """A SchemaError when REVISION is older than the database's revision: `db upgrade` only goes forward (a
+    downgrade drops what newer revisions added, which the registry's data may need)."""
+    script = script_directory()
+    targets = script.get_revisions(revision)
+    if state.current is None:
+        return
+    older = {r.revision for r in script.iterate_revisions(state.current, "base")} - {state.current}
+    if revision.strip() == "base" or any(t is not None and t.revision in older for t in targets):
+        raise SchemaError(
+            f"database {where} is at revision {state.current}; {revision!r} is older, and `db upgrade` does not "
+            "downgrade a registry"
+        )
+
+
 def upgrade_url(url: str, revision: str = "head") -> tuple[SchemaState, SchemaState]:
     """Migrate the database at URL to REVISION (default the newest) under the migration lock, and return its
     state before and after. REVISION is a revision id, "head" or "heads"; a database made by a newer
@@ -239,7 +261,7 @@ def upgrade_url(url: str, revision: str = "head") -> tuple[SchemaState, SchemaSt
             check(before, "the database")
         try:
             # resolved first: alembic fails on some forms it cannot resolve ("head+5") with a bare assertion
-            script_directory().get_revisions(revision)
+            _refuse_downgrade(before, revision, where)
             after = upgrade(engine, revision)
         except CommandError as exc:  # alembic's words for a revision it cannot reach
             raise SchemaError(f"cannot upgrade database {where} to revision {revision!r}: {exc}") from None

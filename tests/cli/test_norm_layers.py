@@ -38,7 +38,7 @@ def test_train_owns_batchnorms_by_default_and_combine_keeps_the_chosen_norms(tmp
     one_line_refusal(cli(home, "train", "t/more", "--backbone", "small", "--data", str(digits), "--from", "t/own",
                          "--norm-layers", "all"), "--norm-layers make a new adapter")  # fmt: skip
     bad = cli(home, "train", "t/bad", *common, "--norm-layers", "some")  # click's usage error
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "Invalid value for '--norm-layers'" in bad.stderr
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "Invalid value for '--norm-layers'" in bad.stderr
 
     with Hub.open(home) as hub:
         model = AdapterModel(backbones.build_backbone(hub.backbone("small").source))

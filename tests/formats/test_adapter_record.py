@@ -146,7 +146,7 @@ def test_decode_refuses_malformed_metadata() -> None:
     header = adapter_file.header_metadata(record)
     for key, value, pattern in [
         ("adapter_hub.format_version", "one", "format version is not a number"),
-        ("adapter_hub.layers", "[1, 2]", "of a wrong type"),
+        ("adapter_hub.layers", "[1, 2]", "adapter_hub.layers must be a JSON object, got list"),
         ("adapter_hub.config", "{", "malformed adapter_hub metadata"),
     ]:
         data = adapter_file.canonical_safetensors(record.tensors, {**header, key: value})
