@@ -392,7 +392,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     arbitrary unpickling)."""
     path = Path(path)
     if not path.is_file():
-        raise BackboneError(f"weights file {path} does not exist")
+        raise BackboneError(f"weights file {path} {'is not a regular file' if path.exists() else 'does not exist'}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -67,7 +67,24 @@ def num_classes(value: Any, error: type[Exception] = ConfigError) -> int:
         raise error(f"the number of classes must be a whole number, got {_shown(value)}") from None
     if number < 1:
         raise error(f"the number of classes must be at least 1, got {number}")
+    if number > MAX_CLASSES:
+        raise error(f"the number of classes must be at most {MAX_CLASSES:,}, got {_shown(number)}")
     return number
+
+
+def patterns(name: str, values: Any) -> list[str]:
+    """Module patterns (targets, heads): a non-empty list of non-empty strings — an empty list or an empty
+    entry (``--targets ''``, ``a,,b``) is refused rather than read as "the defaults" or as nothing."""
+    if isinstance(values, str) or not all(isinstance(v, str) for v in values):
+        raise ConfigError(f"{name} must be a list of module patterns, got {_shown(values)}")
+    values = [v.strip() for v in values]
+    if not values or not all(values):
+        raise ConfigError(f"{name} has an empty pattern: give module names or patterns separated by commas")
+    return values
+
+
+# A task's or a backbone's number of classes: a head of more outputs is not a classifier this product trains.
+MAX_CLASSES = 1_000_000
 
 
 def seed(value: Any, name: str = "seed") -> int:

@@ -335,6 +335,8 @@ def train_adapter(
                               "targets, rank, alpha and kind): drop them, or train without --from")  # fmt: skip
     rank = checks.whole("rank", 8 if rank is None else rank, low=1)
     alpha = checks.number("alpha", 16.0 if alpha is None else alpha, above=0)
+    if targets is not None:
+        targets = checks.patterns("targets", targets)
     epochs = checks.whole("epochs", epochs, low=1)
     lr = None if lr is None else checks.number("lr", lr, above=0)  # None: training.DEFAULTS, per group
     seed = checks.seed(seed)

@@ -48,7 +48,7 @@ def train(state: State, output: str, backbone: str, data_dir: str, from_ref: str
 
     version = train_adapter(
         state.hub(), output, backbone=backbone, data_dir=data_dir, from_ref=from_ref, rank=rank, alpha=alpha,
-        targets=targets.split(",") if targets else None, epochs=epochs, lr=lr, seed=seed, full=full,
+        targets=None if targets is None else targets.split(","), epochs=epochs, lr=lr, seed=seed, full=full,
         progress=not state.json, say=lambda line: click.echo(line, err=True), key=key, max_length=max_length,
         dora=dora, head=head, norm_layers=norm_layers,
     )  # fmt: skip

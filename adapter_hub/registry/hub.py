@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError, DBAPIError, IntegrityError, InterfaceError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
+from .. import checks
 from ..errors import FingerprintMismatch
 from . import limits, schema
 from . import queries as q
@@ -430,9 +431,7 @@ class Hub:
             raise RegistryError(f"metric direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
         output = dict(output or {})
         if num_classes is not None:
-            if num_classes <= 0:
-                raise RegistryError(f"num_classes must be positive, got {num_classes}")
-            output["num_classes"] = int(num_classes)
+            output["num_classes"] = checks.num_classes(num_classes, RegistryError)
         limits.json_value("task output", output)
         try:
             with self._session(write=True) as s:
@@ -781,6 +780,8 @@ class Hub:
         """The latest value of each metric (per split) of each version, and the best version per row."""
         for name in names or ():
             limits.check("metric name", name)
+            if not name.strip():
+                raise RegistryError("a metric name cannot be empty")
         with self._session() as s:
             rows = [q.resolve_row(s, parse_ref(r), include_deleted=True) for r in refs]
             return q.metric_table(s, [r.id for r in rows], names)

@@ -10,12 +10,15 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import ArtifactError, StorageFull
+
+_HEX = re.compile(r"[0-9a-f]+")
 
 _CHUNK = 1 << 20
 IDENTITY_FILE = "REGISTRY"
@@ -48,10 +51,16 @@ class ArtifactStore:
         self.tmp_dir = self.root / "tmp"
 
     def path(self, digest: str) -> Path:
+        """Where the blob of ``digest`` (64 lowercase hex digits) lives. A digest comes from a database row,
+        which anyone who can write a shared registry may edit: anything else is refused, never a path."""
+        if not _HEX.fullmatch(digest or "") or len(digest) != 64:
+            raise ArtifactError(f"{digest!r:.80} is not a sha256 digest: no artifact is read or written for it")
         return self.blobs_dir / digest[:2] / digest[2:]
 
     def temp_path(self, token: str) -> Path:
-        """Where the upload with this token writes its bytes before publishing them."""
+        """Where the upload with this token (hex, from a database row) writes its bytes before publishing them."""
+        if not _HEX.fullmatch(token or "") or len(token) > 64:
+            raise ArtifactError(f"upload token {token!r:.80} is not hex: no temporary file is named after it")
         return self.tmp_dir / f"{token}.part"
 
     # -- identity ------------------------------------------------------------------------------------
