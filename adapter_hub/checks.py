@@ -85,6 +85,11 @@ def patterns(name: str, values: Any) -> list[str]:
 
 # A task's or a backbone's number of classes: a head of more outputs is not a classifier this product trains.
 MAX_CLASSES = 1_000_000
+# Bounds of the training options: finite values beyond these only allocate, overflow or never finish.
+MAX_RANK = 4096  # above any layer width the catalogue adapts
+MAX_ALPHA = 1e6  # s = α/r: already 10⁶× the delta at r = 1
+MAX_LR = 10.0  # a step of 10× the gradient diverges for every parameter group
+MAX_EPOCHS = 100_000
 
 
 def seed(value: Any, name: str = "seed") -> int:

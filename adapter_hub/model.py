@@ -31,7 +31,7 @@ from .errors import (
 from .formats import adapter_file, peft
 from .formats.fingerprint import fingerprint as compute_fingerprint
 from .formats.record import AdapterRecord
-from .lora import LoRAConfig, is_norm, lora_class_for, matches
+from .lora import LoRAConfig, LoRAConfigError, is_norm, lora_class_for, matches
 
 __all__ = ["Adapter", "AdapterModel"]
 
@@ -283,9 +283,12 @@ class AdapterModel(nn.Module):
         tensors = record.tensors
         _check_claimed_ranks(record)
         head_modules = {p: head_from_tensors(self._module_for_layer(p), p, tensors, source) for p in config.heads}
-        adapter = self.add_adapter(
-            name, config, head_modules=head_modules, layer_specs=record.layers, norm_paths=record.norms
-        )
+        try:
+            adapter = self.add_adapter(
+                name, config, head_modules=head_modules, layer_specs=record.layers, norm_paths=record.norms
+            )
+        except LoRAConfigError as exc:  # a layer record the file holds: name the file
+            raise AdapterFileError(f"{source}: {exc}") from None
         try:
             expected = adapter.state_tensors()
             missing = sorted(set(expected) - set(tensors))

@@ -333,12 +333,12 @@ def train_adapter(
         if given:
             raise ConfigError(f"{', '.join(given)} make a new adapter; --from continues REF's own adapter (its "
                               "targets, rank, alpha and kind): drop them, or train without --from")  # fmt: skip
-    rank = checks.whole("rank", 8 if rank is None else rank, low=1)
-    alpha = checks.number("alpha", 16.0 if alpha is None else alpha, above=0)
+    rank = checks.whole("rank", 8 if rank is None else rank, low=1, high=checks.MAX_RANK)
+    alpha = checks.number("alpha", 16.0 if alpha is None else alpha, above=0, at_most=checks.MAX_ALPHA)
     if targets is not None:
         targets = checks.patterns("targets", targets)
-    epochs = checks.whole("epochs", epochs, low=1)
-    lr = None if lr is None else checks.number("lr", lr, above=0)  # None: training.DEFAULTS, per group
+    epochs = checks.whole("epochs", epochs, low=1, high=checks.MAX_EPOCHS)
+    lr = None if lr is None else checks.number("lr", lr, above=0, at_most=checks.MAX_LR)  # None: training.DEFAULTS
     seed = checks.seed(seed)
     if max_length is not None:
         max_length = checks.whole("max-length", max_length, low=1)

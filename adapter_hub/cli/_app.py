@@ -50,6 +50,11 @@ class HubGroup(click.Group):
                 state = ctx.find_object(State)
                 if state is not None and state.debug:
                     raise
+                if isinstance(exc, OSError) and exc.strerror:
+                    # the system refused (a permission, a full or read-only disk, a path that went away): the
+                    # user's environment, said in the system's words, naming the file
+                    where = f"{exc.filename}: " if exc.filename else ""
+                    raise click.ClickException(f"{where}{exc.strerror}") from None
                 # The last resort: every input a user can give is checked where it enters and refused with its
                 # own line; an exception that still gets here is a defect, shown as one line, not a traceback.
                 raise click.ClickException(

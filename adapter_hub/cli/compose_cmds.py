@@ -54,7 +54,8 @@ def stack(state: State, refs: tuple[str, ...], output: str, weights: str | None,
           norms: str | None, key: str | None) -> None:  # fmt: skip
     """Register the exact sum Σ wᵢ·ΔWᵢ of REFS (rank Σrᵢ) as one adapter: alias of `combine --method linear`
     with weights 1 each (not a live Stack)."""
-    _run(state, refs, output, weights or ",".join(["1"] * len(refs)), "linear", head=head, norms=norms, key=key)
+    _run(state, refs, output, ",".join(["1"] * len(refs)) if weights is None else weights, "linear", head=head,
+         norms=norms, key=key)  # fmt: skip
 
 
 def _combine_command(name: str, help_text: str) -> click.Command:

@@ -26,7 +26,7 @@ import safetensors.torch
 import torch
 
 from ..errors import AdapterFileError
-from ..lora import LoRAConfig
+from ..lora import LoRAConfig, LoRAConfigError
 from .record import AdapterRecord
 
 # 1: plain LoRA. 2: DoRA (``use_dora`` in the config, a ``<path>.lora_magnitude_vector`` per layer); a reader
@@ -163,17 +163,22 @@ def decode(data: bytes, source: str = "adapter data") -> AdapterRecord:
         version = int(meta.get("adapter_hub.format_version", "0"))
     except ValueError:
         raise AdapterFileError(f"{source}: malformed adapter_hub metadata (format version is not a number)") from None
+    if version < 1:
+        raise AdapterFileError(f"{source}: malformed adapter_hub metadata (format version {version})")
     if version > FORMAT_VERSION:
         raise AdapterFileError(
             f"{source}: adapter file format {version} is newer than this adapter-hub reads ({FORMAT_VERSION}); "
             "upgrade adapter-hub"
         )
-    config = LoRAConfig.from_dict(_json(meta, "adapter_hub.config", None, dict, source))
+    try:
+        config = LoRAConfig.from_dict(_json(meta, "adapter_hub.config", None, dict, source))
+    except LoRAConfigError as exc:
+        raise AdapterFileError(f"{source}: adapter_hub.config: {exc}") from None
     specs = _json(meta, "adapter_hub.layers", None, dict, source)
     heads = _json(meta, "adapter_hub.heads", "[]", list, source)
     norms = _json(meta, "adapter_hub.norms", "[]", list, source)
     extra = _json(meta, "adapter_hub.metadata", "{}", dict, source)
-    if not all(isinstance(p, str) for p in (*heads, *norms)):
+    if not all(isinstance(p, str) and p for p in (*heads, *norms)):
         raise AdapterFileError(f"{source}: malformed adapter_hub metadata (heads and norms must be lists of paths)")
     if not all(isinstance(spec, dict) for spec in specs.values()):
         raise AdapterFileError(f"{source}: malformed adapter_hub metadata (each layer's record must be a mapping)")

@@ -309,6 +309,10 @@ def _read_config(root: Path) -> dict[str, Any]:
                 raise AdapterFileError(f"{path}: {name} key {_shown(key)} is longer than {_PATTERN_KEY_MAX} characters")
             if not ok(value):
                 raise AdapterFileError(f"{path}: {name}[{_shown(key)}] must be {want}, got {_shown(value)}")
+    modules = cfg.get("target_modules")
+    names = [modules] if isinstance(modules, str) else modules
+    if modules is not None and not (isinstance(names, list) and all(isinstance(m, str) for m in names)):
+        raise bad("target_modules", "a module name, a regex or a list of module names")
     saved = cfg.get("modules_to_save")
     if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
         raise bad("modules_to_save", "a list of module names")

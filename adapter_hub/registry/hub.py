@@ -164,7 +164,16 @@ class Hub:
     @staticmethod
     def locate(home: str | Path | None = None, db: str | None = None) -> tuple[Path, str]:
         """The home folder and database URL: arguments, else ADAPTER_HUB_HOME / ADAPTER_HUB_DB."""
+        if home is not None and not str(home).strip():
+            raise RegistryError("--home is empty: give the registry's folder (or leave it out for ~/.adapter_hub)")
+        if db is not None and not db.strip():
+            raise RegistryError("--db is empty: give a SQLAlchemy URL (or leave it out for HOME/hub.db)")
         home_path = Path(home).expanduser() if home is not None else default_home()
+        if home_path.exists() and not home_path.is_dir():
+            raise RegistryError(f"registry home {home_path} is a file, not a folder (--home / ADAPTER_HUB_HOME)")
+        if db is not None and (path := sqlite_path(parse_url(db))) is not None and not path.parent.is_dir():
+            # the home is created on first use; a folder named only inside --db is more likely a typo
+            raise RegistryError(f"cannot open database {db}: folder {path.parent} does not exist")
         return home_path, db or default_url(home_path)
 
     @classmethod

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import re
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -143,7 +144,11 @@ class ArtifactStore:
         """The blob's bytes, checked against its digest; `what` names it (a ref) in the error."""
         path = self.path(digest)
         try:
-            data = path.read_bytes()
+            # a regular file only: a blob replaced by a link to /dev/zero or a FIFO would be read without end
+            with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    raise ArtifactError(f"the artifact of {what} ({path}) is not a regular file")
+                data = fh.read()
         except FileNotFoundError:
             raise ArtifactError(f"artifact of {what} is missing: sha256:{digest} ({path})") from None
         except OSError as exc:
