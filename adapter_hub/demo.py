@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import backbones, checks, data, training
-from .compose import Stack, Switch
+from .compose import Switch
 from .data import ImageInputs, Split
 from .errors import ConfigError
 from .lora import LoRAConfig
@@ -385,7 +385,9 @@ class _Scenario:
         """The TIES combination: reuses ``digits-multitask/ties-r<3·rank>@demo``, or combines the MERGED
         domains' adapters' deltas with TIES into one multi-task adapter (each task keeps its own head) and
         registers it with the chosen λ and density, its normalized validation accuracy, and one
-        ``composed_from`` edge per parent carrying the weight, the method and its parameters."""
+        ``composed_from`` edge per parent carrying the weight, the method and its parameters. Each task runs
+        it with its own head and norms, their statistics re-estimated under the merged deltas
+        (:meth:`_task_view`)."""
         try:
             version = self.hub.load_into(self.model, self.merged_ref, name="multitask")
             self.result.reused.append(version.ref)
@@ -422,15 +424,51 @@ class _Scenario:
         return {"ties/weight": lam, "ties/density": density, "val/normalized_accuracy": score}
 
     def _normalized(self, name: str, alone: dict[str, float]) -> float:
-        """Mean over the merged tasks of (merged accuracy / own adapter's accuracy), on validation."""
+        """Mean over the merged tasks of (merged accuracy / own adapter's accuracy), on validation, each task
+        running ``name`` through :meth:`_task_view`."""
         total = 0.0
         for d in MERGED:
             if d not in alone:
                 self.model.activate(d)
                 alone[d] = max(training.evaluate(self.model, self.sets[d].val), 1e-9)
-            self.model.activate(Stack(name, head=d))
-            total += training.evaluate(self.model, self.sets[d].val) / alone[d]
+            with self._task_view(name, d):
+                total += training.evaluate(self.model, self.sets[d].val) / alone[d]
         return total / len(MERGED)
+
+    @contextlib.contextmanager
+    def _task_view(self, merged: str, domain: str) -> Iterator[str]:
+        """Inside the block, a temporary copy of ``merged`` is active that runs its deltas with ``domain``'s own
+        head and norms, the norms' running statistics re-estimated under the merged deltas (the copy is
+        deleted after; neither ``merged`` nor the domain's adapter changes).
+
+        Each domain's BatchNorm statistics were gathered under its own deltas; under the merged deltas the
+        activations they normalise have moved, and normalising them with the old statistics costs more than
+        the merge itself. Re-estimating them is the usual repair after merging networks with BatchNorm: one
+        pass over the domain's training images in train mode, without labels or gradients, averaging every
+        batch's statistics equally (``momentum=None``). The validation and test images are never seen."""
+        view = f"{merged}-for-{domain}"
+        adapter = self.model.add_adapter_from_record(view, self.model.export_record(merged))
+        own = self.model.adapters[domain]
+        heads, norms = dict(own.head_items()), dict(own.norm_items())
+        with torch.no_grad():
+            for path, module in [*adapter.head_items(), *adapter.norm_items()]:
+                module.load_state_dict((heads[path] if path in heads else norms[path]).state_dict())
+            recalibrated = [m for _, m in adapter.norm_items() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            for m in recalibrated:
+                m.reset_running_stats()
+                m.momentum = None
+            self.model.activate(view)
+            if recalibrated:  # per-sample norms (a ViT's LayerNorms) keep no statistics
+                self.model.train()
+                try:
+                    for x, _ in self.sets[domain].train.batches(64):
+                        self.model(x)
+                finally:
+                    self.model.eval()
+        try:
+            yield view
+        finally:
+            self.model.delete_adapter(view)
 
     def switch(self) -> dict[str, float]:
         """The switch: one mixed batch of every target domain's test images in one forward pass, each sample
@@ -445,9 +483,9 @@ class _Scenario:
 
     def report(self, switched: dict[str, float]) -> None:
         """The result: one row per domain on ``result``, with the test accuracy of its adapter, of the transferred
-        adapter and of the multi-task adapter under the domain's head (logged on the multi-task version as
-        ``test/accuracy/<domain>``), the switch's accuracy, and the baselines, trainable shares and steps of the
-        earlier steps; and the root of the lineage tree the CLI prints."""
+        adapter and of the multi-task adapter with the domain's head and norms (:meth:`_task_view`; logged on
+        the multi-task version as ``test/accuracy/<domain>``), the switch's accuracy, and the baselines,
+        trainable shares and steps of the earlier steps; and the root of the lineage tree the CLI prints."""
         model = self.model
         for domain in TARGETS:
             ds = self.sets[domain]
@@ -455,8 +493,8 @@ class _Scenario:
             lora = training.evaluate(model, ds.test)
             merged = transfer = None
             if domain in MERGED:
-                model.activate(Stack("multitask", head=domain))
-                merged = training.evaluate(model, ds.test)
+                with self._task_view("multitask", domain):
+                    merged = training.evaluate(model, ds.test)
                 self.hub.log_metric(self.merged_ref, f"test/accuracy/{domain}", merged)
             if domain in TRANSFER_FROM:
                 model.activate(f"{domain}-transfer")

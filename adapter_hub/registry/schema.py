@@ -223,8 +223,8 @@ def current_state(url: str) -> SchemaState:
     """The schema state of the database at URL (what `adapter-hub db current` shows); an empty database
     stays untouched."""
     path = sqlite_path(parse_url(url))
-    if path is not None and not path.exists():  # a read: no file is created for it
-        raise SchemaError(f"no database at {path}: nothing to show (any other command creates it)")
+    if path is not None and not path.exists():  # a read: no file (nor folder) is created for it
+        return SchemaState(current=None, head=head_revision(), empty=True)
     with _engine(url, writing=False) as (engine, _where), engine.connect() as conn:
         return schema_state(conn)
 

@@ -90,8 +90,8 @@ TRAIN = ["--backbone", "small", "--epochs", "500"]
         (["rot/a", "--lr", "-0.1"], "lr must be greater than 0, got -0.1"),
         (["rot/a", "--seed", str(2**63)], f"seed must be at least 0 and at most {2**63 - 1}, got {2**63}"),
         (["rot/a", "--seed", "-1"], "seed must be at least 0"),
-        (["rot/a", "--rank", "0"], "rank must be at least 1, got 0"),
-        (["rot/a", "--epochs", "0"], "epochs must be at least 1, got 0"),
+        (["rot/a", "--rank", "0"], "rank must be at least 1 and at most 4096, got 0"),
+        (["rot/a", "--epochs", "0"], "epochs must be at least 1 and at most 100000, got 0"),
     ],
 )
 def test_train_refuses_bad_input_before_the_first_step(setup: tuple[Path, Path], args: list[str], message: str):
