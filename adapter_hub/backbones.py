@@ -362,7 +362,8 @@ def build_backbone(source: dict[str, Any]) -> nn.Module:
         if factory is not None:
             try:
                 model = factory(**kwargs)
-            except Exception as exc:  # the factory is code of any kind; its failure is reported, not raised
+            except (Exception, SystemExit) as exc:  # the factory is code of any kind: its failure (even an exit) is
+                # reported, not raised
                 given = f" with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}" if kwargs else ""
                 raise BackboneError(f"calling backbone factory {arch!r}{given} failed: {first_line(exc)}") from None
         elif arch in ("resnet_small", "vit_small"):

@@ -59,11 +59,11 @@ def _shown(value: Any) -> str:
 
 def num_classes(value: Any, error: type[Exception] = ConfigError) -> int:
     """A number of classes: a whole number (or its text, as a recorded source may hold) of at least 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise error(f"the number of classes must be a whole number, got {_shown(value)}")
     try:
-        number = int(value)
-    except ValueError:
+        if isinstance(value, bool):
+            raise TypeError
+        number = int(value) if isinstance(value, str) else operator.index(value)
+    except (TypeError, ValueError):
         raise error(f"the number of classes must be a whole number, got {_shown(value)}") from None
     if number < 1:
         raise error(f"the number of classes must be at least 1, got {number}")
@@ -106,16 +106,23 @@ def weights(values: Any, count: int) -> list[float] | None:
     return result
 
 
+def _given(path: str | Path, what: str) -> Path:
+    if not str(path).strip():  # Path("") is the current folder: an empty value is a mistake, not "here"
+        raise ConfigError(f"{what} is empty: give a path")
+    return Path(path)
+
+
 def directory(path: str | Path, what: str = "data directory") -> Path:
-    path = Path(path)
+    path = _given(path, what)
     if not path.is_dir():
         raise ConfigError(f"{what} {path} {'is not a directory' if path.exists() else 'does not exist'}")
     return path
 
 
 def writable_file(path: str | Path, what: str = "output file") -> Path:
-    """A file that can be written: not a directory, in an existing folder this process may write."""
-    path = Path(path)
+    """A file that can be written: not a directory, in an existing folder this process may write (a device such
+    as /dev/null or a named pipe is written as Unix writes them)."""
+    path = _given(path, what)
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise ConfigError(f"{what} {path} is a directory")
@@ -131,7 +138,7 @@ def writable_file(path: str | Path, what: str = "output file") -> Path:
 def writable_dir(path: str | Path, what: str = "folder") -> Path:
     """A folder that exists and can be written, or can be created: its nearest existing ancestor is a
     writable folder. Nothing is created here."""
-    path = Path(path)
+    path = _given(path, what)
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -4,6 +4,7 @@ input transform a backbone expects (resize, centre crop, normalisation) for imag
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -396,6 +397,8 @@ def read_image(file: str | Path) -> Any:
     from PIL import Image
 
     try:
+        if not stat.S_ISREG(os.stat(file).st_mode):  # a FIFO would block, a device be read without end
+            raise DataError(f"{file} is not a regular file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(file) as img:

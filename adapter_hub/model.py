@@ -596,12 +596,20 @@ def _check_claimed_ranks(record: AdapterRecord) -> None:
     for path, spec in record.layers.items():
         if not isinstance(spec, dict):
             raise AdapterFileError(f"{record.source}: the record of layer {path} is not a mapping")
-        claimed = spec.get("rank", spec.get("r"))
         a = record.tensors[f"{path}.lora_A.weight"]
-        if type(claimed) is int and a.dim() >= 1 and a.shape[0] != claimed:
-            raise AdapterFileError(
-                f"{record.source}: layer {path} is recorded with rank {claimed}, but its lora_A has {a.shape[0]} rows"
-            )
+        rows = a.shape[0] if a.dim() >= 1 else 0
+        # A has ``rank`` rows where the record states it (a conv), else r; r never exceeds them (a grouped
+        # conv's rank rounds r up to a multiple of the groups)
+        rank, r = spec.get("rank"), spec.get("r")
+        if type(rank) is int and rank != rows:
+            wrong = ("rank", rank)
+        elif type(r) is int and (r > rows or (rank is None and r != rows)):
+            wrong = ("r", r)
+        else:
+            continue
+        raise AdapterFileError(
+            f"{record.source}: layer {path} is recorded with {wrong[0]} = {wrong[1]}, but its lora_A has {rows} rows"
+        )
 
 
 def _more(keys: list[str]) -> str:

@@ -94,7 +94,7 @@ def _from_csv(path: Path) -> list[Item]:
                 if None in row or any(row.get(k) is None for k in ("path", "task")):
                     raise DataError(f"{path}:{line}: the row's fields do not match the header's columns")
                 label = (row.get("label") or "").strip()
-                if label and not label.lstrip("-").isdigit():
+                if label and not (label.lstrip("-").isdecimal() and label.lstrip("-").isascii()):
                     raise DataError(f"{path}:{line}: label {label!r:.60} is not a class index")
                 if "\0" in row["path"] or not row["path"].strip():
                     raise DataError(f"{path}:{line}: the path is empty or holds a NUL character")

@@ -172,9 +172,9 @@ def _layer_state(
 def _check_rank(rank: int, layers: list[LoRALayer]) -> None:
     """Refuse a target rank above what any combined ΔW block can have (min of its rows and columns): beyond
     that the factors would only be padded with zeros, at the cost of memory the rank asks for."""
-    most = max((min(b.shape[0], a.shape[1]) for layer in layers for blocks in layer.factors().values()
-                for b, a in blocks), default=0)  # fmt: skip
-    if rank > most:
+    most = max((min(b.shape[0], a.shape[1]) for layer in layers if layer.merge_blocker() is None
+                for blocks in layer.factors().values() for b, a in blocks), default=0)  # fmt: skip
+    if most and rank > most:  # (no mergeable layer: the loop refuses the first one with its reason)
         raise ConfigError(f"rank {rank} is more than any combined layer's ΔW can have (at most {most} here)")
 
 

@@ -216,14 +216,28 @@ def load(path: str | os.PathLike) -> AdapterRecord:
     return decode(read_file(path, "an adapter file"), source=str(path))
 
 
-# A regular file is read whole; this bounds what a path given by a user may cost in memory.
-MAX_FILE_BYTES = int(os.environ.get("ADAPTER_HUB_MAX_FILE_BYTES", str(16 * 1024**3)))
+# A regular file is read whole; this bounds what a path given by a user may cost in memory
+# (ADAPTER_HUB_MAX_FILE_BYTES changes it).
+MAX_FILE_BYTES = 16 * 1024**3
+
+
+def max_file_bytes() -> int:
+    text = os.environ.get("ADAPTER_HUB_MAX_FILE_BYTES")
+    if text is None:
+        return MAX_FILE_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise AdapterFileError(f"ADAPTER_HUB_MAX_FILE_BYTES must be a positive whole number of bytes, got {text!r}")
+    return value
 
 
 def read_file(path: str | os.PathLike, what: str, *, limit: int | None = None) -> bytes:
     """The bytes of the regular file at ``path`` (symlinks followed), refused in one AdapterFileError line when
     it is missing, not a regular file (a directory, /dev/zero, a pipe: these could be read without end) or
-    larger than ``limit`` (default MAX_FILE_BYTES)."""
+    larger than ``limit`` (default: ``max_file_bytes()``)."""
     try:
         # O_NONBLOCK: opening a FIFO would otherwise wait for a writer; it changes nothing for a regular file
         with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
@@ -232,9 +246,10 @@ def read_file(path: str | os.PathLike, what: str, *, limit: int | None = None) -
                 raise AdapterFileError(f"{path} is a directory, not {what}")
             if not stat.S_ISREG(info.st_mode):
                 raise AdapterFileError(f"{path} is not a regular file ({what} is read from one)")
-            if info.st_size > (limit or MAX_FILE_BYTES):
+            most = limit or max_file_bytes()
+            if info.st_size > most:
                 raise AdapterFileError(
-                    f"{path}: {info.st_size:,} bytes, more than {what} may take here ({limit or MAX_FILE_BYTES:,}"
+                    f"{path}: {info.st_size:,} bytes, more than {what} may take here ({most:,}"
                     + ("" if limit else "; ADAPTER_HUB_MAX_FILE_BYTES raises the limit") + ")"
                 )
             data = f.read(info.st_size + 1)

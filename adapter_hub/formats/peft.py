@@ -292,8 +292,8 @@ def _read_config(root: Path) -> dict[str, Any]:
 
     if not whole(cfg.get("r", 8)):
         raise bad("r", "a positive integer")
-    if not finite(cfg.get("lora_alpha", 8)):
-        raise bad("lora_alpha", "a finite number")
+    if not finite(cfg.get("lora_alpha", 8)) or cfg.get("lora_alpha", 8) == 0:
+        raise bad("lora_alpha", "a finite, non-zero number")
     for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
         if cfg.get(flag) not in (None, True, False):
             raise bad(flag, "true or false")

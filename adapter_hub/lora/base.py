@@ -74,6 +74,8 @@ def spec_float(spec: Mapping[str, Any], key: str) -> float:
         raise LoRAConfigError(f"layer spec field {key!r} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise LoRAConfigError(f"layer spec field {key!r} must be a finite number, got {value!r}")
+    if key == "alpha" and (value == 0 or abs(value) > 1e9):  # s = α/r: no delta, or one past anything trained
+        raise LoRAConfigError(f"layer spec field 'alpha' must be non-zero and at most 1e9 in size, got {value!r}")
     return float(value)
 
 

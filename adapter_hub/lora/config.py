@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -84,19 +86,18 @@ class LoRAConfig:
         self.targets = _patterns("targets", self.targets)
         self.heads = _patterns("heads", self.heads)
         self.r = _rank("r", self.r)
-        self.alpha = _finite("alpha", self.alpha)
+        self.alpha = _alpha("alpha", self.alpha)
         self.rank_pattern = {
             k: _rank(f"rank_pattern[{k!r}]", v) for k, v in _mapping("rank_pattern", self.rank_pattern)
         }
         self.alpha_pattern = {
-            k: _finite(f"alpha_pattern[{k!r}]", v) for k, v in _mapping("alpha_pattern", self.alpha_pattern)
+            k: _alpha(f"alpha_pattern[{k!r}]", v) for k, v in _mapping("alpha_pattern", self.alpha_pattern)
         }
         self.dropout = _finite("dropout", self.dropout)
         if not 0.0 <= self.dropout < 1.0:
             raise LoRAConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        for flag in ("use_rslora", "use_dora"):
-            if not isinstance(getattr(self, flag), bool):
-                raise LoRAConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        self.use_rslora = _flag("use_rslora", self.use_rslora)
+        self.use_dora = _flag("use_dora", self.use_dora)
         if not isinstance(self.norm_layers, str) or self.norm_layers not in NORM_LAYERS:
             raise LoRAConfigError(f"unknown norm_layers {self.norm_layers!r}; choose one of {', '.join(NORM_LAYERS)}")
         if not isinstance(self.init, str) or self.init not in INITS:
@@ -122,27 +123,76 @@ class LoRAConfig:
 
 
 def _patterns(name: str, value: Any) -> list[str]:
+    """Module patterns from a string, a class, or any collection of them (a list, a tuple, a set as PEFT's
+    target_modules often is: sorted, so the config is the same whatever the set's order)."""
     if isinstance(value, str | type):
         value = [value]
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str | type) for v in value):
+    elif isinstance(value, set | frozenset):
+        value = sorted(value, key=_pattern)
+    elif isinstance(value, Iterable) and not isinstance(value, bytes | Mapping):
+        value = list(value)
+    if not isinstance(value, list) or not all(isinstance(v, str | type) for v in value):
         raise LoRAConfigError(f"{name} must be a list of module names or patterns, got {_shown(value)}")
-    return [_pattern(v) for v in value]
+    patterns = [_pattern(v) for v in value]
+    if not all(p.strip() for p in patterns):
+        raise LoRAConfigError(f"{name} holds an empty pattern")
+    return patterns
+
+
+# r beyond this allocates factors wider than any layer this product adapts (and gigabytes with them)
+MAX_R = 65_536
+# α beyond this (s = α/r) scales a delta past anything trainable; 0 makes the delta vanish
+MAX_ALPHA = 1e9
 
 
 def _rank(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise LoRAConfigError(f"LoRA rank must be a positive integer: {name} = {_shown(value)}")
-    return int(value)
+    try:
+        if isinstance(value, bool) or (hasattr(value, "dtype") and value.dtype == bool):
+            raise TypeError
+        number = operator.index(value)  # ints, numpy integers, 0-dim integer tensors
+    except TypeError:
+        number = None
+    if number is None or not 1 <= number <= MAX_R:
+        raise LoRAConfigError(f"LoRA rank must be a positive integer of at most {MAX_R:,}: {name} = {_shown(value)}")
+    return number
+
+
+def _number(name: str, value: Any) -> float:
+    try:
+        if isinstance(value, str | bytes | bool):
+            raise TypeError
+        number = float(value)  # numbers, numpy scalars, 0-dim tensors
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan if isinstance(value, int) and not isinstance(value, bool) else None
+        if number is None:
+            raise LoRAConfigError(f"{name} must be a number, got {_shown(value)}") from None
+    return number
 
 
 def _finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    number = _number(name, value)
+    if not math.isfinite(number):
         raise LoRAConfigError(f"{name} must be a finite number, got {_shown(value)}")
-    return float(value)
+    return number
+
+
+def _alpha(name: str, value: Any) -> float:
+    number = _finite(name, value)
+    if number == 0 or abs(number) > MAX_ALPHA:
+        raise LoRAConfigError(f"{name} must be non-zero and at most {MAX_ALPHA:g} in size, got {_shown(value)}")
+    return number
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b":  # numpy's too
+        return bool(value)
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise LoRAConfigError(f"{name} must be true or false, got {_shown(value)}")
 
 
 def _mapping(name: str, value: Any) -> list[tuple[str, Any]]:
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
         raise LoRAConfigError(f"{name} must map module patterns to numbers, got {_shown(value)}")
     return list(value.items())
 

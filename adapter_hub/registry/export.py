@@ -46,6 +46,8 @@ def export_version(
     with it, only the exported files are replaced (other files in DEST stay)."""
     if fmt not in FORMATS:
         raise RegistryError(f"unknown export format {fmt!r}: expected {' or '.join(FORMATS)}")
+    if not str(dest).strip():  # Path("") is the current folder: an empty DEST is a mistake, not "here"
+        raise RegistryError("the export destination is empty: give a folder")
     out = Path(dest)
     create = _check_folder(out)
     if fmt == "safetensors":

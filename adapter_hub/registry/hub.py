@@ -436,6 +436,8 @@ class Hub:
         limits.check("task domain", domain)
         limits.check("task metric", metric)
         limits.check("task description", description)
+        if metric is not None and not metric.strip():
+            raise RegistryError("a task's metric name cannot be empty (leave --metric out for none)")
         if direction not in DIRECTIONS:
             raise RegistryError(f"metric direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
         output = dict(output or {})

@@ -226,6 +226,17 @@ for key, value in {"nan": "nan", "inf": "inf", "-inf": "-inf", "two": "0.5,0.5",
 for key, value in {"zero": "0", "neg": "-1", "nan": "nan", "inf": "inf", "two": "1,1", "empty": ""}.items():
     case(f"backbone-add--std[{key}]", *BACKBONE_ADD, "--num-classes", "10", "--mean", "0", "--std", value)
 numbers("task-add", ("task", "add", "t2"), "--num-classes")
+for key, value in {"empty": "", "blank": " "}.items():
+    case(f"task-add--metric[{key}]", "task", "add", "t2", "--metric", value)
+# a factory that exits (sys.exit raises SystemExit) must not end the command with exit 0
+for key, factory in {"sys-exit": "sys:exit", "quit": "builtins:quit"}.items():
+    case(f"backbone-add-factory[{key}]", "backbone", "add", "b2", factory)
+# an empty path is a mistake, never "the current folder"
+case("export[dest-empty]", "export", "rot/base", "")
+case("eval--data[empty-string]", "eval", "rot/base", "--data", "")
+case("train--data[empty-string]", "train", "rot/x", "--backbone", "small", "--data", "", "--epochs", "1")
+case("predict-o[empty]", "predict", "rot/base", "--data", "{pred}", "-o", "")
+case("lineage-o[empty]", "lineage", "rot/base", "--format", "dot", "-o", "")
 for option, high in (("--rank", "257"), ("--epochs", "101"), ("--backbone-epochs", "1001")):
     numbers("demo", ("demo", "--quiet"), option, bounded=True)
     case(f"demo{option}[above-max]", "demo", "--quiet", option, high, bounded=True)
@@ -309,12 +320,18 @@ for kind in IMAGES:
          "--epochs", "1", bounded=True)  # fmt: skip
     case(f"eval-image[{kind}]", "eval", "rot/base", "--data", f"{{files}}/img-{kind}", bounded=True)
     case(f"predict-image[{kind}]", "predict", "rot/base", "--data", f"{{files}}/pred-{kind}", bounded=True)
+# a named pipe among the images: opening it would wait for a writer for ever
+case("train-image[fifo]", "train", "rot/x", "--backbone", "small", "--data", "{files}/img-fifo", "--epochs", "1",
+     bounded=True, guard=True)  # fmt: skip
+case("eval-image[fifo]", "eval", "rot/base", "--data", "{files}/img-fifo", bounded=True, guard=True)
+case("predict-image[fifo]", "predict", "rot/base", "--data", "{files}/pred-fifo", bounded=True, guard=True)
+case("predict-csv-image[fifo]", "predict", "rot/base", "--data", "{files}/csv-fifo.csv", bounded=True, guard=True)
 for kind in ("other-size", "bomb"):  # the same reader as a folder's images; a CSV mixes sizes its own way
     case(f"predict-csv-image[{kind}]", "predict", "rot/base", "--data", f"{{files}}/csv-{kind}.csv", bounded=True)
 
 # ---- hostile CSV
 CSVS = ("binary", "latin1", "nul", "huge-field", "header-only", "no-columns", "label-99", "label-word",
-        "label-neg", "missing-image", "escaping-path", "unknown-task", "zero-bytes")  # fmt: skip
+        "label-neg", "label-superscript", "missing-image", "escaping-path", "unknown-task", "zero-bytes")  # fmt: skip
 for kind in CSVS:
     case(f"predict-csv[{kind}]", "predict", "rot/base", "--data", f"{{files}}/bad-{kind}.csv", bounded=True)
 for kind in ("binary", "latin1"):
@@ -361,8 +378,15 @@ ADAPTER_EDITS: dict[str, tuple[str, Any]] = {
     "norms-numbers": ("adapter_hub.norms", "[1, 2]"),
     "metadata-nested": ("adapter_hub.metadata", NESTED),
     "fingerprint-other": ("adapter_hub.backbone_fingerprint", "0" * 64),
+    "layer-alpha-zero": ("adapter_hub.layers", _layers(alpha=0.0)),
+    "config-alpha-zero": ("adapter_hub.config", _config(alpha=0)),
+    "config-target-empty": ("adapter_hub.config", _config(targets=[""])),
 }
-GUARDED_ADAPTER_EDITS = {"layer-r-4194304": ("adapter_hub.layers", _layers(r=4194304, rank=4194304))}
+GUARDED_ADAPTER_EDITS = {
+    "layer-r-4194304": ("adapter_hub.layers", _layers(r=4194304, rank=4194304)),
+    # a Linear has no use for "rank": the claim that allocates is r's
+    "layer-r-4194304-rank-2": ("adapter_hub.layers", _layers(r=4194304, rank=2)),
+}
 RAW_ADAPTER_FILES = ("zero-bytes", "random-bytes", "truncated", "header-2^63", "header-nested", "tensor-misshaped")
 for key in (*ADAPTER_EDITS, *RAW_ADAPTER_FILES):
     case(f"import-file[{key}]", "import", f"{{files}}/adapter-{key}.safetensors", *IMPORT_OK, bounded=True)
@@ -392,6 +416,7 @@ PEFT_EDITS: dict[str, Any] = {
     "rank-pattern-invalid-regex": {"rank_pattern": {"(": 2}},
     "peft-type-other": {"peft_type": "PREFIX_TUNING"},
     "target-modules-number": {"target_modules": 42},
+    "lora-alpha-zero": {"lora_alpha": 0},
 }
 GUARDED_PEFT_EDITS: dict[str, Any] = {
     "rank-pattern-catastrophic": {"rank_pattern": {CATASTROPHIC: 2}},
@@ -507,6 +532,7 @@ def _write_csvs(files: Path, pred: Path) -> None:
         "label-99": f"path,task,label\n{first},rot,99\n".encode(),
         "label-word": f"path,task,label\n{first},rot,seven\n".encode(),
         "label-neg": f"path,task,label\n{first},rot,-1\n".encode(),
+        "label-superscript": f"path,task,label\n{first},rot,\u00b2\n".encode(),
         "missing-image": f"path,task,label\n{files}/none.png,rot,0\n{good}".encode(),
         "escaping-path": f"path,task,label\n../../../../../../../../etc/passwd,rot,0\n{good}".encode(),
         "unknown-task": f"path,task,label\n{first},nope,0\n".encode(),
@@ -649,6 +675,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         (files / f"bad-{kind}.png").write_bytes(bad)
         good = sorted((pred / "rot").rglob("*.png"))[0]
         (files / f"csv-{kind}.csv").write_text(f"path,task,label\n{good},rot,0\nbad-{kind}.png,rot,0\n")
+    shutil.copytree(data, files / "img-fifo")
+    shutil.copytree(pred, files / "pred-fifo")
+    for fifo in (files / "img-fifo" / "train" / "00" / "bad.png", files / "pred-fifo" / "rot" / "00" / "bad.png",
+                 files / "fifo.png"):  # fmt: skip
+        os.mkfifo(fifo)
+    (files / "csv-fifo.csv").write_text(f"path,task,label\n{good},rot,0\nfifo.png,rot,0\n")
     _write_csvs(files, pred)
 
     for key, (meta_key, change) in {**ADAPTER_EDITS, **GUARDED_ADAPTER_EDITS}.items():

@@ -355,3 +355,35 @@ def test_bad_arguments_raise_config_error():
         with pytest.raises(ConfigError) as info:
             call()
         assert "\n" not in str(info.value) and str(info.value)
+
+
+def _two_adapters_on_a_grouped_conv(a_groups: int):
+    from torch import nn
+
+    from adapter_hub import AdapterModel, LoRAConfig
+
+    torch.manual_seed(0)
+    model = AdapterModel(nn.Sequential(nn.Conv2d(4, 8, 3, groups=2)))
+    spec = {"0": {"r": 4, "alpha": 4.0, "rank": 4, "a_groups": a_groups}}
+    for name in ("a", "b"):
+        model.add_adapter(name, LoRAConfig(r=4, targets=["0"], norm_layers="frozen"), layer_specs=spec)
+    return model
+
+
+def test_a_target_rank_beyond_any_layer_is_refused_before_any_work():
+    model = _two_adapters_on_a_grouped_conv(a_groups=2)  # each group block: ΔW of 4 × 18, rank at most 4
+    with pytest.raises(ConfigError, match=r"rank 5 is more than any combined layer's ΔW can have \(at most 4 here\)"):
+        model.combine("c", ["a", "b"], method="svd", rank=5)
+    model.combine("c", ["a", "b"], method="svd", rank=4)
+    assert "c" in model.adapters
+
+
+@pytest.mark.parametrize("method", ["linear", "svd", "ties"])
+def test_a_layer_that_cannot_merge_is_refused_with_its_reason_whatever_the_rank(method: str):
+    from adapter_hub.errors import CombineError
+
+    model = _two_adapters_on_a_grouped_conv(a_groups=1)  # PEFT's layout: A crosses the groups
+    params = {} if method == "linear" else {"rank": 2, **({"density": 0.5} if method == "ties" else {})}
+    with pytest.raises(CombineError, match="cannot combine 0"):
+        model.combine("c", ["a", "b"], method=method, **params)
+    assert "c" not in model.adapters

@@ -12,6 +12,7 @@ import json
 import math
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -304,6 +305,25 @@ def test_pattern_key_that_is_no_regex_is_refused(tmp_path: Path):
     with pytest.raises(AdapterFileError, match=r"pattern key 'lin0\(' is not a valid regex"):
         model.import_peft(tmp_path, "task")
     assert not model.adapters
+
+
+def test_a_backtracking_pattern_key_is_matched_in_bounded_time_or_refused(tmp_path: Path, monkeypatch):
+    """``([a-z0-9.]+)+!`` makes Python's ``re`` backtrack without end on a dotted module name (the import hung);
+    matched with the ``regex`` package it ends at once, and a key that outlasts the time limit is refused in
+    one line with nothing added (the limit is lowered here so that any key outlasts it)."""
+    bb, _ = nested()
+    peft_adapter(bb, tmp_path, r=4, lora_alpha=8, target_modules=["lin0"])
+    cfg_path = tmp_path / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "rank_pattern": {"([a-z0-9.]+)+!": 2}}))
+    model = AdapterModel(copy.deepcopy(bb))
+    start = time.perf_counter()
+    model.import_peft(tmp_path, "task")  # the key matches no module: r stays the config's
+    assert time.perf_counter() - start < 5 and model.adapters["task"].config.r == 4
+    monkeypatch.setattr(codec, "_PATTERN_SECONDS", 1e-9)
+    other = AdapterModel(copy.deepcopy(bb))
+    with pytest.raises(AdapterFileError, match=r"pattern key '\(\[a-z0-9\.\]\+\)\+!' takes more than .* refused"):
+        other.import_peft(tmp_path, "task")
+    assert not other.adapters
 
 
 def test_head_that_would_catch_a_target_in_peft_is_refused(tmp_path: Path):

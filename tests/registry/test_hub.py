@@ -296,3 +296,25 @@ def test_unreachable_database_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "not-a-db").write_text("plain text, not SQLite" * 100)
     with pytest.raises(AdapterHubError, match="cannot open database sqlite"):
         Hub.open(tmp_path, f"sqlite:///{tmp_path}/not-a-db")
+
+
+def test_a_task_takes_any_whole_number_of_classes_in_range(hub: Hub) -> None:
+    import numpy as np
+
+    assert hub.add_task("np", num_classes=np.int64(10)).output == {"num_classes": 10}
+    for bad, message in ((0, "at least 1"), (10**20, "at most 1,000,000"), (2.5, "a whole number"), (True, "whole")):
+        with pytest.raises(RegistryError, match=message):
+            hub.add_task("bad", num_classes=bad)
+    with pytest.raises(RegistryError, match="metric name cannot be empty"):
+        hub.add_task("bad", metric=" ")
+    assert "bad" not in [t.name for t in hub.tasks()]
+
+
+def test_a_digest_or_token_that_is_not_hex_never_names_a_file(hub: Hub) -> None:
+    store = hub.store
+    for digest in ("../../etc/passwd", "A" * 64, "0" * 63, ""):
+        with pytest.raises(ArtifactError, match="is not a sha256 digest"):
+            store.path(digest)
+    with pytest.raises(ArtifactError, match="is not hex"):
+        store.temp_path("../x")
+    assert store.path("0" * 64).parent.name == "00"
