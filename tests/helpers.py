@@ -48,3 +48,31 @@ def trained_model(seed: int) -> Any:
         for p in model.adapters["a"].parameters():
             p.normal_()
     return model
+
+
+def run_cli(home: Path, *args: str, real: bool = False, timeout: float = 600) -> Any:
+    """``adapter-hub ARGS`` with ``ADAPTER_HUB_HOME=home``, as a ``subprocess.CompletedProcess`` (returncode,
+    stdout, stderr). In this process through click's runner unless ``real``: a subprocess pays torch's import
+    (about 10 s on a busy CI core) every time, so tests run most commands here and keep a real process where
+    the process itself is under test. The CLI's last-resort line for an unforeseen exception fails the test
+    either way: every input is meant to get its own refusal."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ADAPTER_HUB_HOME": str(home)}
+    env.pop("ADAPTER_HUB_DB", None)
+    if real:
+        done = subprocess.run([sys.executable, "-m", "adapter_hub.cli", *args], env=env, capture_output=True,
+                              text=True, timeout=timeout)  # fmt: skip
+    else:
+        from click.testing import CliRunner
+
+        from adapter_hub.cli import main
+
+        result = CliRunner().invoke(main, list(args), env={"ADAPTER_HUB_HOME": str(home), "ADAPTER_HUB_DB": None})
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        done = subprocess.CompletedProcess(["adapter-hub", *args], result.exit_code, result.stdout, result.stderr)
+    assert "a defect in adapter-hub" not in done.stderr, done.stderr
+    return done

@@ -4,13 +4,12 @@ the goals' thresholds and the backbone's training augmentation, in process."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 
 from adapter_hub import demo
 from adapter_hub.data import Split
@@ -25,11 +24,8 @@ GOALS = {
 }
 
 
-def run(home: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ADAPTER_HUB_HOME": str(home)}
-    env.pop("ADAPTER_HUB_DB", None)
-    return subprocess.run([sys.executable, "-m", "adapter_hub.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+def run(home: Path, *args: str, real: bool = False) -> subprocess.CompletedProcess:
+    return run_cli(home, *args, real=real)
 
 
 @pytest.mark.slow
@@ -37,7 +33,7 @@ def run(home: Path, *args: str) -> subprocess.CompletedProcess:
 def test_demo_runs_end_to_end_then_reuses_the_registry(tmp_path: Path, backbone: str):
     rank = demo.RECIPES[backbone].rank
     short = ["demo", "--backbone", backbone, "--epochs", "1", "--backbone-epochs", "1", "--json"]
-    first = run(tmp_path, *short)
+    first = run(tmp_path, *short, real=backbone == "resnet")  # one real process: the installed entry point
     assert first.returncode == 0, first.stderr
     report = json.loads(first.stdout)
     assert [r["task"] for r in report["rows"]] == ["rotated", "inverted", "noisy", "rotated-noisy"]

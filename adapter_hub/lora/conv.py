@@ -66,8 +66,6 @@ class _LoRAConvNd(LoRALayer):
         if self._a_groups not in (1, g):
             raise LoRAConfigError(f"a_groups must be 1 or the base groups ({g}), got {self._a_groups}")
         self._rank = rank if rank is not None else grouped_rank(r, g)
-        if self._rank not in (r, grouped_rank(r, g)):  # r sets the scaling α/r: it must describe these factors
-            raise LoRAConfigError(f"rank {self._rank} does not fit r = {r} on a conv of {g} group(s)")
         if self._rank <= 0 or self._rank % g:
             raise LoRAConfigError(f"rank {self._rank} is not a positive multiple of the conv's groups ({g})")
         conv = _CONV[self.ndim]

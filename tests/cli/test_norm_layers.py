@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from helpers import run_cli
 
 from adapter_hub import AdapterModel, Hub, backbones
 
 
-def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ADAPTER_HUB_HOME": str(home)}
-    env.pop("ADAPTER_HUB_DB", None)
-    return subprocess.run([sys.executable, "-m", "adapter_hub.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+def cli(home: Path, *args: str, real: bool = False) -> subprocess.CompletedProcess:
+    return run_cli(home, *args, real=real)
 
 
 def one_line_refusal(done: subprocess.CompletedProcess, text: str) -> None:

@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import seeded_backbone, trained_model
+from helpers import run_cli, seeded_backbone, trained_model
 
 from adapter_hub import AdapterModel, Hub, LoRAConfig, backbones, data, pipelines
 from adapter_hub.errors import ConfigError
 
 
-def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ADAPTER_HUB_HOME": str(home)}
-    env.pop("ADAPTER_HUB_DB", None)
-    return subprocess.run([sys.executable, "-m", "adapter_hub.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+def cli(home: Path, *args: str, real: bool = False) -> subprocess.CompletedProcess:
+    return run_cli(home, *args, real=real)
 
 
 def test_compose_average_registers_the_exact_weighted_sum_with_its_lineage(tmp_path: Path):
@@ -101,14 +96,15 @@ def test_combine_is_the_verb_and_compose_stack_and_average_are_its_aliases(tmp_p
 
 
 def test_data_digits_writes_an_imagefolder_the_loader_reads(tmp_path: Path):
-    done = cli(tmp_path, "--json", "data", "digits", str(tmp_path / "rot"), "--domain", "rotated", "--pool", "target")
+    done = cli(tmp_path, "--json", "data", "digits", str(tmp_path / "rot"), "--domain", "rotated", "--pool", "target",
+               real=True)  # fmt: skip
     assert done.returncode == 0, done.stderr
     counts = json.loads(done.stdout)
     loaded = data.load_imagefolder(tmp_path / "rot", num_classes=10)
     expected = data.digits("rotated", pool="target")
     assert (len(loaded.train), len(loaded.val), len(loaded.test)) == (counts["train"], counts["val"], counts["test"])
     assert len(loaded.test) == len(expected.test)
-    bad = cli(tmp_path, "data", "digits", str(tmp_path / "x"), "--domain", "sideways")
+    bad = cli(tmp_path, "data", "digits", str(tmp_path / "x"), "--domain", "sideways", real=True)
     assert bad.returncode == 1 and "Invalid value for '--domain'" in bad.stderr and bad.stderr.count("\n") == 1
 
 
@@ -121,7 +117,7 @@ def test_train_then_transfer_then_eval_through_the_cli(tmp_path: Path):
         done = cli(home, *args)
         assert done.returncode == 0, done.stderr
     first = cli(home, "--json", "train", "rot/lora", "--backbone", "small", "--data", str(tmp_path / "rot"),
-                "--epochs", "1")  # fmt: skip
+                "--epochs", "1", real=True)  # fmt: skip
     assert first.returncode == 0, first.stderr
     moved = cli(home, "train", "inv/lora", "--backbone", "small", "--data", str(tmp_path / "inv"), "--from",
                 "rot/lora", "--epochs", "1")  # fmt: skip

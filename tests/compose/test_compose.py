@@ -312,9 +312,9 @@ def test_magnitude_prune_matches_definition():
 
 def test_dare_is_seeded_and_keeps_the_expected_fraction():
     model = combine_model()
-    one = model.combine("d1", ["a"], [1.0], method="dare_linear", density=0.3, seed=5, rank=512)
-    two = model.combine("d2", ["a"], [1.0], method="dare_linear", density=0.3, seed=5, rank=512)
-    three = model.combine("d3", ["a"], [1.0], method="dare_linear", density=0.3, seed=6, rank=512)
+    one = model.combine("d1", ["a"], [1.0], method="dare_linear", density=0.3, seed=5, rank=256)
+    two = model.combine("d2", ["a"], [1.0], method="dare_linear", density=0.3, seed=5, rank=256)
+    three = model.combine("d3", ["a"], [1.0], method="dare_linear", density=0.3, seed=6, rank=256)
     layer = "layer3.0.conv1"
     d1, d2, d3 = (dict(x.layer_items())[layer].delta_weight().double() for x in (one, two, three))
     torch.testing.assert_close(d1, d2, rtol=0, atol=1e-9)
@@ -329,7 +329,7 @@ def test_dare_is_seeded_and_keeps_the_expected_fraction():
     assert abs(rate - 0.3) < 4 * (0.3 * 0.7 / n) ** 0.5, f"keep rate {rate}"
     torch.testing.assert_close(d1[kept & clear], source[kept & clear] / 0.3, rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(d1[~kept & clear], torch.zeros_like(d1[~kept & clear]), rtol=0, atol=1e-5)
-    assert one.metadata["recipe"]["params"] == {"density": 0.3, "rank": 512, "seed": 5}
+    assert one.metadata["recipe"]["params"] == {"density": 0.3, "rank": 256, "seed": 5}
 
 
 def test_heads_are_averaged_or_chosen():
