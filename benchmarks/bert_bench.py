@@ -23,7 +23,6 @@ import copy
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from peft_copy import copy_into_peft, peft_name
 from results_md import fmt, ratio, write_section
 from torch import nn
 
@@ -136,16 +136,6 @@ def ours_model(backbone: nn.Module, k: int, heads: bool = False) -> AdapterModel
     return model.eval()
 
 
-def peft_name(key: str, adapter: str) -> str:
-    """Our file key → PEFT's parameter name: ``X.lora_A.weight`` → ``base_model.model.X.lora_A.<adapter>.weight``;
-    a head's ``classifier.weight`` → ``base_model.model.classifier.modules_to_save.<adapter>.weight``."""
-    m = re.fullmatch(r"(.*)\.(lora_[AB])\.weight", key)
-    if m:
-        return f"base_model.model.{m[1]}.{m[2]}.{adapter}.weight"
-    path, _, param = key.rpartition(".")
-    return f"base_model.model.{path}.modules_to_save.{adapter}.{param}"
-
-
 def peft_model(backbone: nn.Module, ours: AdapterModel, names: Sequence[str], heads: bool = False):
     """PEFT's LoRA (``target_modules=["query", "value"]``) carrying exactly our adapters' tensors."""
     import peft
@@ -159,19 +149,8 @@ def peft_model(backbone: nn.Module, ours: AdapterModel, names: Sequence[str], he
         model = peft.get_peft_model(copy.deepcopy(backbone), config(), adapter_name=names[0])
         for name in names[1:]:
             model.add_adapter(name, config())
-    params = dict(model.named_parameters())
     for name in names:
-        tensors = ours.export_record(name).tensors
-        wanted = {peft_name(k, name): t for k, t in tensors.items()}
-        theirs = {n for n in params if f".{name}." in n and ("lora_" in n or "modules_to_save" in n)}
-        if set(wanted) != theirs:
-            raise Disagreement(
-                f"PEFT's adapter {name} holds other tensors than ours: only ours "
-                f"{sorted(set(wanted) - theirs)[:3]}, only PEFT's {sorted(theirs - set(wanted))[:3]}"
-            )
-        with torch.no_grad():
-            for n, t in wanted.items():
-                params[n].copy_(t)
+        copy_into_peft(model, name, ours.export_record(name).tensors, Disagreement)
     model.set_adapter(names[0])
     return model.eval()
 

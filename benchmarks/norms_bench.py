@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision
+from peft_copy import copy_into_peft, peft_name
 from results_md import write_section
 from torch import nn
 from torchvision.transforms.v2 import InterpolationMode
@@ -311,15 +312,6 @@ def ours(pristine: nn.Module, tasks: dict[str, data.Dataset], heads: dict[str, n
 
 
 # --- PEFT -----------------------------------------------------------------------------------------------------
-def peft_name(key: str, adapter: str) -> str:
-    """adapter-hub's file key → PEFT's parameter name (LoRA factor or modules_to_save head)."""
-    m = re.fullmatch(r"(.*)\.(lora_[AB])\.weight", key)
-    if m:
-        return f"base_model.model.{m[1]}.{m[2]}.{adapter}.weight"
-    path, _, param = key.rpartition(".")
-    return f"base_model.model.{path}.modules_to_save.{adapter}.{param}"
-
-
 def peft_targets(pristine: nn.Module) -> list[str]:
     """The module paths adapter-hub adapts for the catalogue's targets: PEFT gets exactly these."""
     targets, _, _ = AdapterModel(copy.deepcopy(pristine)).resolve(lora_config("frozen"))
@@ -360,23 +352,13 @@ def peft_add(model, name: str, targets: Sequence[str], init: dict[str, torch.Ten
 
 
 def peft_load(model, name: str, init: dict[str, torch.Tensor]) -> None:
-    """Copy adapter-hub's tensors into PEFT's adapter ``name`` key by key; its tensors must be exactly those,
-    and they must be all PEFT trains."""
-    params = dict(model.named_parameters())
-    wanted = {peft_name(k, name): t for k, t in init.items()}
-    theirs = {n for n in params if f".{name}." in n and (".lora_" in n or ".modules_to_save." in n)}
-    if set(wanted) != theirs:
-        raise InvariantBroken(
-            f"PEFT's adapter {name} holds other tensors than adapter-hub's: only ours "
-            f"{sorted(set(wanted) - theirs)[:3]}, only PEFT's {sorted(theirs - set(wanted))[:3]}"
-        )
-    with torch.no_grad():
-        for n, t in wanted.items():
-            params[n].copy_(t)
+    """Copy adapter-hub's tensors into PEFT's adapter ``name``; they must be exactly PEFT's, and all PEFT trains."""
+    copy_into_peft(model, name, init, InvariantBroken)
+    wanted = {peft_name(k, name) for k in init}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if trainable != set(wanted):
+    if trainable != wanted:
         raise InvariantBroken(
-            f"PEFT trains other parameters than adapter {name}'s: {sorted(trainable ^ set(wanted))[:3]}"
+            f"PEFT trains other parameters than adapter {name}'s: {sorted(trainable ^ wanted)[:3]}"
         )
 
 

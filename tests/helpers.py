@@ -5,6 +5,8 @@ is a `module:callable` backbone factory for the CLI in subprocesses, with TESTS 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +78,29 @@ def run_cli(home: Path, *args: str, real: bool = False, timeout: float = 600) ->
         done = subprocess.CompletedProcess(["adapter-hub", *args], result.exit_code, result.stdout, result.stderr)
     assert "a defect in adapter-hub" not in done.stderr, done.stderr
     return done
+
+
+@contextlib.contextmanager
+def benchmark_script(name: str) -> Iterator[Any]:
+    """``benchmarks/<name>.py`` imported as module ``name``, as when it runs: its folder on ``sys.path`` (it
+    imports its siblings) and the module in ``sys.modules`` (dataclasses look their module up by name); both
+    undone afterwards, with torch's thread count."""
+    import importlib.util
+    import sys
+
+    import torch
+
+    folder = ROOT / "benchmarks"
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    threads = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        torch.set_num_threads(threads)
+        sys.modules.pop(name, None)
+        sys.path.remove(str(folder))

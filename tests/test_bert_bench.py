@@ -3,36 +3,21 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import benchmark_script
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bert_bench.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling results_md, as when it runs
-    spec = importlib.util.spec_from_file_location("bert_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bert_bench"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    # one thread: a tiny model's ops are too small to share, and a second thread waiting on a busy core
-    # makes them many times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with benchmark_script("bert_bench") as module:
+        # one thread: a tiny model's ops are too small to share, and a second thread waiting on a busy core
+        # makes them many times slower (the thread count is put back afterwards)
+        torch.set_num_threads(1)
         yield module
-    finally:
-        torch.set_num_threads(threads)
-        sys.modules.pop("bert_bench", None)
-        sys.path.remove(str(SCRIPT.parent))
 
 
 def test_checks_pass_and_the_adapters_do_real_work(bench):

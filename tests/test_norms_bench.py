@@ -6,14 +6,13 @@ batch's statistics) where adapter-hub with frozen norms does not."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import benchmark_script
 from torch import nn
 
 from adapter_hub import AdapterModel, backbones, training
@@ -27,18 +26,8 @@ METHODS = ["full fine-tune", "PEFT LoRA", "adapter-hub LoRA, norm_layers='frozen
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling results_md, as when it runs
-    spec = importlib.util.spec_from_file_location("norms_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["norms_bench"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    threads = torch.get_num_threads()
-    try:
+    with benchmark_script("norms_bench") as module:
         yield module
-    finally:
-        torch.set_num_threads(threads)
-        sys.modules.pop("norms_bench", None)
-        sys.path.remove(str(SCRIPT.parent))
 
 
 @pytest.fixture(scope="module")

@@ -158,15 +158,16 @@ def _rank(name: str, value: Any) -> int:
 
 
 def _number(name: str, value: Any) -> float:
+    """``value`` as a float: a number, a numpy scalar or a 0-dim tensor (an int too large for a float is nan,
+    which ``_finite`` refuses as such)."""
+    if isinstance(value, str | bytes | bool):
+        raise LoRAConfigError(f"{name} must be a number, got {_shown(value)}")
     try:
-        if isinstance(value, str | bytes | bool):
-            raise TypeError
-        number = float(value)  # numbers, numpy scalars, 0-dim tensors
-    except (TypeError, ValueError, OverflowError):
-        number = math.nan if isinstance(value, int) and not isinstance(value, bool) else None
-        if number is None:
-            raise LoRAConfigError(f"{name} must be a number, got {_shown(value)}") from None
-    return number
+        return float(value)
+    except OverflowError:
+        return math.nan
+    except (TypeError, ValueError):
+        raise LoRAConfigError(f"{name} must be a number, got {_shown(value)}") from None
 
 
 def _finite(name: str, value: Any) -> float:

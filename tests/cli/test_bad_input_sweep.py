@@ -260,22 +260,14 @@ case("export-peft[dest-not-empty]", "export", "rot/base:1", "{files}/peft-ok", "
      watch=("{files}/peft-ok",))  # fmt: skip
 case("export-peft[dest-parent-missing]", "export", "rot/base", "{tmp}/none/sub", "--format", "peft",
      watch=("{tmp}/none",))  # fmt: skip
-case("predict-o[parent-missing]", "predict", "rot/base", "--data", "{pred}", "-o", "{tmp}/none/p.csv",
-     watch=("{tmp}/none",))  # fmt: skip
-case("predict-o[is-a-directory]", "predict", "rot/base", "--data", "{pred}", "-o", "{files}/emptydir",
-     watch=("{files}/emptydir",))  # fmt: skip
-case("predict-o[under-a-file]", "predict", "rot/base", "--data", "{pred}", "-o", "{files}/plainfile/p.csv",
-     watch=("{files}/plainfile",))  # fmt: skip
-case("predict-o[not-writable]", "predict", "rot/base", "--data", "{pred}", "-o", "{files}/ro/p.csv",
-     watch=("{files}/ro",), needs_non_root=True)  # fmt: skip
-case("lineage-o[parent-missing]", "lineage", "rot/base", "--format", "dot", "-o", "{tmp}/none/l.dot",
-     watch=("{tmp}/none",))  # fmt: skip
-case("lineage-o[is-a-directory]", "lineage", "rot/base", "--format", "dot", "-o", "{files}/emptydir",
-     watch=("{files}/emptydir",))  # fmt: skip
-case("lineage-o[under-a-file]", "lineage", "rot/base", "--format", "dot", "-o", "{files}/plainfile/l.dot",
-     watch=("{files}/plainfile",))  # fmt: skip
-case("lineage-o[not-writable]", "lineage", "rot/base", "--format", "dot", "-o", "{files}/ro/l.dot",
-     watch=("{files}/ro",), needs_non_root=True)  # fmt: skip
+OUTPUT_COMMANDS = {"predict-o": ("predict", "rot/base", "--data", "{pred}", "-o"),
+                   "lineage-o": ("lineage", "rot/base", "--format", "dot", "-o")}  # fmt: skip
+for name, command in OUTPUT_COMMANDS.items():
+    file = "p.csv" if name == "predict-o" else "l.dot"
+    case(f"{name}[parent-missing]", *command, f"{{tmp}}/none/{file}", watch=("{tmp}/none",))
+    case(f"{name}[is-a-directory]", *command, "{files}/emptydir", watch=("{files}/emptydir",))
+    case(f"{name}[under-a-file]", *command, f"{{files}}/plainfile/{file}", watch=("{files}/plainfile",))
+    case(f"{name}[not-writable]", *command, f"{{files}}/ro/{file}", watch=("{files}/ro",), needs_non_root=True)
 # /sys refuses new files even to root, though os.access says it may write there
 case("export[dest-in-sys]", "export", "rot/base", "/sys/adapter-hub-sweep")
 case("predict-o[in-sys]", "predict", "rot/base", "--data", "{pred}", "-o", "/sys/adapter-hub-sweep.csv")
