@@ -549,16 +549,18 @@ def markdown(results: dict) -> str:
 
 
 NOTES = [
-    "How it runs: in inference, on each adapted Linear one adapter computes `F.linear(x, [W; A], [b; 0])` in one "
-    "call and adds s·B·(A·x) with one `addmm`; in training the base linear and A run apart (a stacked [W; A] would "
-    "make autograd compute the full (384+8)×384 weight gradient to keep A's 8 rows: on one 384→384 query layer with "
-    "2,048 tokens, forward and backward, 14.2 ms bare, 24.5 ms stacked, 18.6 ms apart). A mixed batch is sorted by "
+    "How it runs: in inference, on each adapted Linear one adapter computes `F.linear(x, [W; A], [b; 0])` in one call"
+    " and adds s·B·(A·x) with one `addmm`; in training it runs `FusedLoRA`: one `F.linear` with [W + s·B·A; A], and a"
+    " backward that takes the input gradient through W + s·B·A and only A's and B's own gradients (left to autograd, "
+    "a stacked [W; A] would get the full (384+8)×384 weight gradient to keep A's 8 rows). A mixed batch is sorted by "
     "adapter once before BERT runs (ids and attention mask travel with their rows, the outputs come back in input "
-    "order), the base linear runs on the whole batch and each adapter's A and B on its own contiguous rows. PEFT "
-    "runs lora_A, lora_B, the scaling and the sum as separate ops, and for `adapter_names` gathers each adapter's "
-    "rows in every layer. PEFT refuses `adapter_names` in training mode (the ValueError: \"Cannot pass "
-    "`adapter_names` when the model is in training mode\"), so the mixed training step has no PEFT counterpart; "
-    "ours trains the 4 adapters in one step, each from its own rows, for about the cost of one adapter's step.",
+    "order); in inference the base linear runs on the whole batch and each adapter's A and B on its own contiguous "
+    "rows, in training each adapter's rows run through their own folded weight. PEFT runs lora_A, lora_B, the "
+    "scaling and "
+    "the sum as separate ops, and for `adapter_names` gathers each adapter's rows in every layer. PEFT refuses "
+    "`adapter_names` in training mode (the ValueError: \"Cannot pass `adapter_names` when the model is in training "
+    "mode\"), so the mixed training step has no PEFT counterpart; ours trains the 4 adapters in one step, each from "
+    "its own rows, for about the cost of one adapter's step.",
 ]
 
 

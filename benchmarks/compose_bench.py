@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from results_md import fmt, ratio, write_section
 from torch import nn
@@ -226,11 +227,244 @@ def combine_table(bb: nn.Module, k: int, r: int, rank: int, repeats: int) -> dic
     return out
 
 
+# --- training ----------------------------------------------------------------------------------
+class Disagreement(RuntimeError):
+    """Ours and PEFT (or the mixed batch and each adapter alone) compute different gradients: no timing."""
+
+
+def peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak CPU memory allocated by PyTorch during ``fn()`` above what was allocated when it started: the
+    allocations and frees the profiler records, summed in order (an op's own net allocation, and the frees
+    the profiler attributes to no op)."""
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        fn()
+    current = top = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        top = max(top, current)
+    return top
+
+
+def file_tensors(model: AdapterModel, name: str) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s trainable tensors under their file keys (LoRA factors, heads, owned norms)."""
+    adapter = model.adapters[name]
+    return {f"{path}.{pname}": p for path, module in adapter.module_items()
+            for pname, p in module.named_parameters()}  # fmt: skip
+
+
+def train_models(bb: nn.Module, spec: dict, k: int) -> dict:
+    """Full fine-tune, PEFT with one adapter, ours with one adapter and ours with k adapters, PEFT's adapters
+    holding ours' very tensors (B drawn non-zero), all in train mode."""
+    import peft
+    from peft_copy import copy_into_peft
+
+    def ours(n: int) -> AdapterModel:
+        model = AdapterModel(copy.deepcopy(bb))
+        for i in range(n):
+            model.add_adapter(f"t{i}", LoRAConfig(r=8, alpha=16, targets=spec["targets"], heads=spec["heads"]))
+            randomize([p for key, p in file_tensors(model, f"t{i}").items() if "lora_B" in key], i)
+        return model.train()
+
+    ours1, ours_k = ours(1), ours(k)
+    ours1.activate("t0")
+    ours_k.activate(Switch(*[f"t{i}" for i in range(k)]))
+    peft_models = []
+    for n in (1, k):
+        config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=spec["peft_targets"],
+                                 modules_to_save=spec["peft_save"])  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(copy.deepcopy(bb), config, adapter_name="t0")
+            for i in range(1, n):
+                pm.add_adapter(f"t{i}", copy.deepcopy(config))
+        for i in range(n):
+            if spec["peft_exact"]:
+                copy_into_peft(pm, f"t{i}", file_tensors(ours_k if n == k else ours1, f"t{i}"), Disagreement)
+            else:  # PEFT nests out_proj's factors under its MHA wrapper: draw its B apart, same shapes
+                randomize([p for name, p in pm.named_parameters() if f"lora_B.t{i}." in name], i)
+        peft_models.append(pm.train())
+    full = copy.deepcopy(bb).train()
+    for p in full.parameters():
+        p.requires_grad_(True)
+    return {"full": full, "peft1": peft_models[0], "peft_k": peft_models[1], "ours1": ours1, "ours_k": ours_k}
+
+
+def mixed_loss(out, labels: torch.Tensor) -> torch.Tensor:
+    """Each adapter's cross-entropy on its own rows, summed, over the whole batch (the mean over samples)."""
+    total = sum(F.cross_entropy(out.by_adapter[n], labels[out.rows[n]], reduction="sum") for n in out.by_adapter)
+    return total / len(labels)
+
+
+def check_training(m: dict, x: torch.Tensor, labels: torch.Tensor, route: list[str], peft_exact: bool) -> dict:
+    """Before any timing: one adapter's gradients, ours vs PEFT in float64 (where PEFT computes the same function)
+    and each side's float32 error against its float64 gradients; the mixed batch's gradients of each adapter vs
+    that adapter alone on its rows. Raises Disagreement."""
+    from peft_copy import peft_name
+
+    checks: dict = {}
+
+    def grads(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        missing = [n for n, p in params.items() if p.grad is None]
+        if missing:
+            raise Disagreement(f"no gradient reached {missing[0]}")
+        return {n: p.grad.detach().double().clone() for n, p in params.items()}
+
+    def rel(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+        """The largest difference of any tensor relative to that tensor's largest entry."""
+        return max(float((got[k] - w).abs().max() / w.abs().max()) for k, w in want.items())
+
+    def one_adapter(key: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        model = m[key].to(dtype).zero_grad(set_to_none=True) or m[key]
+        F.cross_entropy(model(x.to(dtype)), labels).backward()
+        if key == "ours1":
+            return grads(file_tensors(model, "t0"))
+        params = dict(model.named_parameters())
+        return grads({k: params[peft_name(k, "t0")] for k in file_tensors(m["ours1"], "t0")})
+
+    # eval mode: the same function on both sides (no dropout; BatchNorm from its running statistics); a float32
+    # model goes to float64 and back exactly
+    for key in ("ours1", "peft1", "ours_k"):
+        m[key].eval()
+    sides = ("ours1", "peft1") if peft_exact else ("ours1",)
+    found = {(key, dt): one_adapter(key, dt) for key in sides for dt in (torch.float32, torch.float64)}
+    for key in sides:
+        m[key].float()
+    ours64 = found[("ours1", torch.float64)]
+    checks["min_grad_of_a"] = min(float(g.abs().max()) for k, g in ours64.items() if "lora_A" in k)
+    if not checks["min_grad_of_a"] > 0:
+        raise Disagreement("a LoRA A got an all-zero gradient: B is zero, the check would prove nothing")
+    checks["ours_float32_error"] = rel(found[("ours1", torch.float32)], ours64)
+    if peft_exact:
+        checks["ours_vs_peft_float64"] = rel(ours64, found[("peft1", torch.float64)])
+        if checks["ours_vs_peft_float64"] > 1e-9:
+            raise Disagreement(f"ours vs PEFT in float64: relative difference {checks['ours_vs_peft_float64']:.3g}")
+        checks["peft_float32_error"] = rel(found[("peft1", torch.float32)], found[("peft1", torch.float64)])
+    m["ours_k"].zero_grad(set_to_none=True)
+    mixed_loss(m["ours_k"](x, route=route), labels).backward()
+    names = sorted(set(route))
+    mixed = {n: grads(file_tensors(m["ours_k"], n)) for n in names}
+    switch, worst = m["ours_k"].active, 0.0
+    try:
+        for n in names:
+            m["ours_k"].zero_grad(set_to_none=True)
+            m["ours_k"].activate(n)
+            rows = torch.tensor([i for i, r in enumerate(route) if r == n])
+            (F.cross_entropy(m["ours_k"](x[rows]), labels[rows], reduction="sum") / len(labels)).backward()
+            worst = max(worst, rel(mixed[n], grads(file_tensors(m["ours_k"], n))))
+    finally:
+        m["ours_k"].activate(switch)
+    if worst > 1e-4:
+        raise Disagreement(f"mixed-batch gradients vs each adapter alone: relative difference {worst:.3g}")
+    checks["mixed_grads_vs_alone"] = worst
+    for model in m.values():
+        model.train().zero_grad(set_to_none=True)
+    return checks
+
+
+def training_table(bb: nn.Module, spec: dict, x: torch.Tensor, labels: torch.Tensor, k: int, repeats: int) -> dict:
+    """One optimizer step each (forward, cross-entropy, backward, AdamW), interleaved rounds; then the peak
+    memory of one more step of each. PEFT cannot route a mixed batch in training, so the mixed row's PEFT
+    side is k sequential steps, one per adapter on its own rows."""
+    with torch.no_grad():  # torchvision's ViT starts its head at zero, which would leave every other gradient zero
+        for name in spec["heads"]:
+            head = bb.get_submodule(name)
+            if not head.weight.any():
+                head.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    m = train_models(bb, spec, k)
+    route = [f"t{i % k}" for i in range(len(labels))]
+    checks = check_training(m, x, labels, route, spec["peft_exact"])
+    # fused AdamW for every case: PyTorch's default on CPU steps each tensor in Python, which would weigh the
+    # optimizer (4× the tensors in the mixed batch) more than the network
+    opts = {key: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+            for key, model in m.items()}  # fmt: skip
+
+    def step(key: str, loss_of: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            opts[key].zero_grad(set_to_none=True)
+            loss_of().backward()
+            opts[key].step()
+
+        return run
+
+    peft_k = m["peft_k"]
+    subsets = [(f"t{i}", torch.tensor([j for j, r in enumerate(route) if r == f"t{i}"])) for i in range(k)]
+
+    def peft_sequential() -> None:
+        for name, rows in subsets:
+            peft_k.set_adapter(name)
+            opts["peft_k"].zero_grad(set_to_none=True)
+            F.cross_entropy(peft_k(x[rows]), labels[rows]).backward()
+            opts["peft_k"].step()
+
+    mixed = f"mixed batch, K={k}"
+    cases = {
+        ("full fine-tune", "ours"): step("full", lambda: F.cross_entropy(m["full"](x), labels)),
+        ("one adapter", "ours"): step("ours1", lambda: F.cross_entropy(m["ours1"](x), labels)),
+        ("one adapter", "peft"): step("peft1", lambda: F.cross_entropy(m["peft1"](x), labels)),
+        (mixed, "ours"): step("ours_k", lambda: mixed_loss(m["ours_k"](x, route=route), labels)),
+        (mixed, "peft"): peft_sequential,
+    }
+    times = interleaved(cases, repeats, warmup=2)
+    rows: dict = {}
+    for (case, side), t in times.items():
+        rows.setdefault(case, {})[side] = t
+        rows[case][f"{side}_peak"] = peak_bytes(cases[(case, side)])
+    one = rows["one adapter"]["ours"]
+    full = rows["full fine-tune"]["ours"]
+    for row in rows.values():
+        row["ours_x_one"] = row["ours"] / one
+        row["ours_x_full"] = row["ours"] / full
+        if isinstance(row.get("peft"), float):
+            row["ours_over_peft"] = row["ours"] / row["peft"]
+    # the mixed row's PEFT side runs a quarter of the batch at a time: its peak is not comparable
+    rows["one adapter"]["peak_ours_over_peft"] = rows["one adapter"]["ours_peak"] / rows["one adapter"]["peft_peak"]
+    trainable = {key: sum(p.numel() for p in model.parameters() if p.requires_grad) for key, model in m.items()}
+    return {"rows": rows, "checks": checks, "trainable": trainable, "k": k}
+
+
+def interleaved(cases: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds per case over ``repeats`` rounds, each round calling every case once, so that a slow
+    spell of the machine hits all cases alike instead of one of them."""
+    times: dict = {c: [] for c in cases}
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    for _ in range(repeats):
+        for case, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[case].append(time.perf_counter() - start)
+    return {case: statistics.median(ts) for case, ts in times.items()}
+
+
+TRAIN_SPECS = {
+    "resnet18": {"targets": RESNET_TARGETS[:-1], "heads": ["fc"], "peft_targets": RESNET_PEFT[:-1],
+                 # the default config owns every BatchNorm: PEFT's counterpart keeps a copy of each
+                 "peft_save": ["fc", "bn1", "bn2", "downsample.1"], "peft_exact": True},
+    "vit": {"targets": VIT_TARGETS, "heads": ["heads.head"], "peft_targets": VIT_PEFT, "peft_save": ["heads.head"],
+            "peft_exact": False},
+}  # fmt: skip
+# ViT: PEFT ≤ 0.21 adds the out_proj delta of nn.MultiheadAttention twice (see README), so its gradients are not
+# compared with ours, and its tensors are drawn apart (PEFT nests out_proj's factors under its MHA wrapper)
+
+
 NOTES = [
     "How it runs: a single adapter or a stack computes `[W; A₁; …] ⋆ x` in one conv/linear call and applies "
     "each B with one fused, scaled multiply-add (`baddbmm`/`addmm`); a mixed batch is sorted by adapter once, "
     "the base op runs on the whole batch and each adapter's A on its own contiguous rows. PEFT's "
-    "`adapter_names` path refuses `nn.MultiheadAttention` (the TypeError in the ViT table).",
+    "`adapter_names` path refuses `nn.MultiheadAttention` (the TypeError in the ViT table). In training each "
+    "adapted linear map and ungrouped conv runs `FusedLoRA`: the forward folds W' = W + c·B·A and runs one op with "
+    "[W'; A]; the backward takes the input gradient through W' and only A's and B's own gradients, never the "
+    "frozen W's; layers whose output has fewer positions than channels (resnet18's last stage at 32 px) run A "
+    "apart.",
+    "",
+    "Where a training target is missed: a resnet18 on 32-pixel images spends its step in the bare convs' forward "
+    "and input gradient, the same work on both sides; what LoRA adds (A's and B's gradients, the small A conv) "
+    "is what is left to win, and the A convs with 8 output channels run far below the base convs' efficiency on "
+    "this CPU. The mixed batch also steps 4 adapters' optimizer states and runs each adapter's BatchNorm copies "
+    "on its own rows.",
     "",
     "Where a target is missed: the resnet18 mixed batch with K=8 stays above 1.25× bare because the A convs "
     "(8 output channels) run far below the base convs' efficiency on this CPU: about 12% of the FLOPs of "
@@ -280,11 +514,59 @@ def markdown(results: dict) -> str:
             f"| {method} | {fmt(row['ours_s'])} | {row['ours_rel_error']:.3g} | {fmt(row['peft_s'])} | {perr} | "
             f"{ratio(row.get('speedup'))} | {target} | {'' if met is None else ('yes' if met else '**no**')} |"
         )
+    if "training" in results:
+        lines += training_markdown(results)
     lines += ["", *NOTES]
     lines += ["", "Errors are relative Frobenius norms over all layers: svd against the exact Σ wᵢ·ΔWᵢ; "
               "ties against TIES applied to the dense ΔWᵢ (density 0.2), which is what PEFT's A/B-wise "
               "TIES approximates.", "", "![forward time against K](results/compose_mixed.png)", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def mib(v) -> str:
+    return f"{v / 2**20:.0f} MiB" if isinstance(v, int) else "—"
+
+
+def training_markdown(results: dict) -> list[str]:
+    t = results["training"]
+    title = "### Training: one optimizer step (forward, cross-entropy, backward, fused AdamW)"
+    lines = ["", f"{title}, batch {t['batch']}", "",
+             "Train mode; median of {} interleaved rounds, then the peak memory of one more step of each (what "
+             "PyTorch allocates above the model and optimizer state, from the profiler's allocation events). "
+             "resnet18: LoRA r=8 on every conv, the fc as head and, as the default config does, a copy of every "
+             "BatchNorm per adapter (PEFT: the same convs, `modules_to_save` = the fc and every BatchNorm). ViT: "
+             "r=8 on attention and MLP, the head trained whole. PEFT holds ours' very tensors (B drawn non-zero). "
+             "The mixed batch routes {} adapters per sample, each with its own head and loss; PEFT refuses "
+             "`adapter_names` in training, so its side of that row is {} sequential steps, one per adapter on its "
+             "own rows.".format(t["repeats"], t["resnet18"]["k"], t["resnet18"]["k"]), ""]  # fmt: skip
+    titles = {"resnet18": "torchvision resnet18", "vit": "torchvision VisionTransformer (6 layers, width 192)"}
+    for key, title in titles.items():
+        table = t[key]
+        n = table["trainable"]
+        lines += [f"**{title}** — trainable parameters: one adapter {n['ours1']:,}, full fine-tune {n['full']:,}", "",
+                  "| case | ours | ours peak | PEFT | PEFT peak | ours ÷ PEFT | peak ours ÷ PEFT | ours ÷ one adapter "
+                  "| ours ÷ full fine-tune | target | met |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for case, row in table["rows"].items():
+            target, met = results["targets"].get(f"training {key}", {}).get(case, ("", None))
+            ours = fmt(row["ours"]) + (" (plain PyTorch)" if case == "full fine-tune" else "")
+            lines.append(
+                f"| {case} | {ours} | {mib(row['ours_peak'])} | {fmt(row.get('peft', '—'))} | "
+                f"{mib(row.get('peft_peak'))} | {ratio(row.get('ours_over_peft'))} | "
+                f"{ratio(row.get('peak_ours_over_peft'))} | {ratio(row['ours_x_one'])} | {ratio(row['ours_x_full'])} | "
+                f"{target} | {'' if met is None else ('yes' if met else '**no**')} |"
+            )
+        c = table["checks"]
+        if "ours_vs_peft_float64" in c:
+            vs_peft = (f"ours vs PEFT in float64 {c['ours_vs_peft_float64']:.1e}; float32 against float64: ours "
+                       f"{c['ours_float32_error']:.1e}, PEFT {c['peft_float32_error']:.1e}; ")
+        else:
+            vs_peft = (f"ours vs PEFT not compared (PEFT's MHA adds out_proj's delta twice); ours in float32 against "
+                       f"float64 {c['ours_float32_error']:.1e}; ")  # fmt: skip
+        lines += ["", f"Checked before timing (eval mode; gradients of every trained tensor, the largest difference "
+                  f"relative to the tensor's largest entry): {vs_peft}mixed batch vs each adapter alone on its rows "
+                  f"{c['mixed_grads_vs_alone']:.1e}.", ""]  # fmt: skip
+    return lines
 
 
 def judge(results: dict) -> dict:
@@ -316,6 +598,18 @@ def judge(results: dict) -> dict:
         and (svd["peft_rel_error"] is None or svd["ours_rel_error"] <= svd["peft_rel_error"] + 1e-6)
     )
     targets["combine"]["svd"] = ("≥ 10× faster than PEFT, error ≤ PEFT's", ok)
+    for key in ("resnet18", "vit"):
+        rows = results.get("training", {}).get(key, {}).get("rows")
+        if not rows:
+            continue
+        one = rows["one adapter"]
+        mixed = next(row for case, row in rows.items() if case.startswith("mixed"))
+        mixed_case = next(case for case in rows if case.startswith("mixed"))
+        targets[f"training {key}"] = {
+            "one adapter": ("≤ 0.9× PEFT, peak ≤ PEFT's",
+                            one["ours_over_peft"] <= 0.9 and one["peak_ours_over_peft"] <= 1.0),
+            mixed_case: ("≤ 1.2× one adapter", mixed["ours_x_one"] <= 1.2),
+        }  # fmt: skip
     return targets
 
 
@@ -356,15 +650,21 @@ def rewrite_from_json() -> None:
     write_section("compose", markdown(results))
 
 
+PARTS = ("inference", "combine", "training")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller batch")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", choices=PARTS, action="append",
+                        help="measure only this part (repeatable); the others are kept from results/compose.json")
     parser.add_argument("--rewrite", action="store_true", help="only rewrite RESULTS.md from results/compose.json")
-    args = parser.parse_args()
+    args = parser.parse_args()  # fmt: skip
     if args.rewrite:
         rewrite_from_json()
         return
+    parts = args.only or list(PARTS)
     torch.set_num_threads(args.threads)
     import peft
 
@@ -372,34 +672,47 @@ def main() -> None:
     batch = 16 if args.quick else 64
     ks = [2, 4, 8] if args.quick else [2, 4, 8, 16]
     g = torch.Generator().manual_seed(0)
-    results: dict = {
-        "environment": {
-            "machine": f"{platform.machine()} {platform.processor() or ''} ({torch.get_num_threads()} threads)".strip(),
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "peft": peft.__version__,
-            "threads": args.threads,
-            "repeats": repeats,
-        },  # fmt: skip
-    }
+    stored = RESULTS / "compose.json"
+    results: dict = json.loads(stored.read_text()) if args.only and stored.exists() else {}
+    results["environment"] = {
+        "machine": f"{platform.machine()} {platform.processor() or ''} ({torch.get_num_threads()} threads)".strip(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "peft": peft.__version__,
+        "threads": args.threads,
+        "repeats": repeats,
+    }  # fmt: skip
     x = torch.randn(batch, 3, 64, 64, generator=g)
-    results["resnet18"] = {
-        "batch": f"{batch}×3×64×64",
-        "rows": forward_table(resnet(), x, RESNET_TARGETS, RESNET_PEFT, ks, repeats, 8),
-    }
     xv = torch.randn(batch, 3, 32, 32, generator=g)
-    results["vit"] = {
-        "batch": f"{batch}×3×32×32",
-        "rows": forward_table(vit(), xv, VIT_TARGETS, VIT_PEFT, ks, repeats, 8),
-    }
-    results["combine"] = {"k": 8, "rank": 8, **combine_table(resnet(), 8, 8, 8, 1 if args.quick else 3)}
+    if "inference" in parts:
+        results["resnet18"] = {
+            "batch": f"{batch}×3×64×64",
+            "rows": forward_table(resnet(), x, RESNET_TARGETS, RESNET_PEFT, ks, repeats, 8),
+        }
+        results["vit"] = {
+            "batch": f"{batch}×3×32×32",
+            "rows": forward_table(vit(), xv, VIT_TARGETS, VIT_PEFT, ks, repeats, 8),
+        }
+    if "combine" in parts:
+        results["combine"] = {"k": 8, "rank": 8, **combine_table(resnet(), 8, 8, 8, 1 if args.quick else 3)}
+    if "training" in parts:
+        labels = torch.randint(0, 10, (batch,), generator=g)
+        xt = torch.randn(batch, 3, 32, 32, generator=g)
+        train_repeats = 3 if args.quick else 9
+        results["training"] = {
+            "batch": f"{batch}×3×32×32",
+            "repeats": train_repeats,
+            "resnet18": training_table(resnet(), TRAIN_SPECS["resnet18"], xt, labels, 4, train_repeats),
+            "vit": training_table(vit(), TRAIN_SPECS["vit"], xt, labels, 4, train_repeats),
+        }
     results["targets"] = judge(results)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "compose.json").write_text(json.dumps(results, indent=2, default=str))
+    stored.write_text(json.dumps(results, indent=2, default=str))
     text = markdown(results)
     print(text)
     write_section("compose", text)
-    plot(results)
+    if "inference" in parts:
+        plot(results)
 
 
 if __name__ == "__main__":

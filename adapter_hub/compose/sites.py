@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import CheckpointRoutingError, ConfigError
 from ..lora import LoRALayer
+from .fused_train import FusedLoRA, Group, conv_geometry, merge_pays
 from .routing import map_tensors
 
 
@@ -94,6 +95,10 @@ class Routing:
                         self.generation)
         tensors = [t for t in _tensors(output) if t.requires_grad]
         for t in tensors:
+            # Reading grad_fn first settles the autograd history of a view whose base a Switch changed in place;
+            # registering a hook on such a view without it crashes PyTorch 2.14 (pytorch/pytorch#196459).
+            if not torch.compiler.is_compiling():  # Dynamo cannot trace grad_fn (and runs no eager view here)
+                _ = t.grad_fn
             t.register_hook(functools.partial(self._file, state))
 
     def _file(self, state: Routing, grad: torch.Tensor) -> None:
@@ -307,13 +312,26 @@ class LayerSite(_Site):
             active = [(part(self.layers[n]), w) for n, w in r.weighted if n in self.layers]
             return self._fused(x, weight, bias, op, active, slot)
         self._check_rows(x, r)
+        linear = op is F.linear
+        if self._training(weight, bias, [part(self.layers[n])[0] for n, _, _ in r.segments if n in self.layers]):
+            factors: list[torch.Tensor] = []
+            groups = []
+            for name, start, end in r.segments:
+                terms: tuple[tuple[int, float], ...] = ()
+                if name is not None and name in self.layers:
+                    a_w, b_w, scale = part(self.layers[name])
+                    terms = ((len(factors) // 2, scale),)
+                    factors += [a_w, b_w]
+                groups.append((start, end, terms))
+            trained = self._train_fused(x, weight, bias, tuple(groups), factors, linear)
+            if trained is not None:
+                return trained
         out = op(x, weight, bias)
         for name, start, end in r.segments:
             layer = self.layers.get(name) if name is not None else None
             if layer is None:
                 continue
             a_w, b_w, scale = part(layer)
-            linear = op is F.linear
             rows = out[start:end]  # B·A⋆x is added into a view of its rows (flatten(2) of NCHW or NHWC is one)
             rows = rows.view(-1, rows.shape[-1]) if linear else rows.flatten(2)
             _add_b(rows, _flat(op(x[start:end], a_w, None), linear), b_w, scale, linear, inplace=True)
@@ -330,12 +348,19 @@ class LayerSite(_Site):
     ) -> torch.Tensor:
         """op(x, [W; A₁; …]) once, then each B applied by one fused, scaled multiply-add.
 
-        In training (an A that requires grad) the base op and each A run apart instead: autograd would give a
-        stacked [W; A] a weight gradient in full — a product as large as the layer's own — to keep A's rows."""
+        In training (an A that requires grad) ``FusedLoRA`` runs instead: autograd would give a stacked [W; A] a
+        weight gradient in full — a product as large as the layer's own — to keep A's rows. Where it does not
+        apply (a trainable base weight, a grouped conv) the base op and each A run apart."""
         if not active:
             return op(x, weight, bias)
         linear = op is F.linear
         if torch.is_grad_enabled() and any(a_w.requires_grad for (a_w, _, _), _ in active):
+            if self._training(weight, bias, [a_w for (a_w, _, _), _ in active]):
+                terms = tuple((i, w * scale) for i, ((_, _, scale), w) in enumerate(active))
+                factors = [t for (a_w, b_w, _), _ in active for t in (a_w, b_w)]
+                trained = self._train_fused(x, weight, bias, ((0, x.shape[0], terms),), factors, linear)
+                if trained is not None:
+                    return trained
             y = op(x, weight, bias)
             result = _flat(y, linear)
             parts = [_flat(op(x, a_w, None), linear) for (a_w, _, _), _ in active]
@@ -352,12 +377,51 @@ class LayerSite(_Site):
         shape = (*y.shape[:-1], out_features) if linear else (y.shape[0], out_features, *y.shape[2:])
         return result.reshape(shape)
 
+    @staticmethod
+    def _training(weight: torch.Tensor, bias: torch.Tensor | None, a_weights: list[torch.Tensor]) -> bool:
+        """A training forward of trainable deltas on a frozen base layer: what ``FusedLoRA`` is for."""
+        return (
+            torch.is_grad_enabled()
+            and any(a.requires_grad for a in a_weights)
+            and not weight.requires_grad
+            and not (bias is not None and bias.requires_grad)
+        )
+
+    def _train_fused(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        groups: tuple[Group, ...],
+        factors: list[torch.Tensor],
+        linear: bool,
+    ) -> torch.Tensor | None:
+        """The training step's fast path (``fused_train.FusedLoRA``: the bare layer's cost plus products r/out
+        its size), or None where it does not apply (a grouped conv) or does not pay (``merge_pays``) for the
+        smallest group of rows that carries deltas."""
+        stride = None if linear else self.module.stride
+        for start, end, terms in groups:  # a plain loop: torch.compile traces it without a graph break
+            if terms and not merge_pays(x[start:end], weight, stride):
+                return None
+        geometry = None
+        if not linear:
+            found = conv_geometry(self.module)
+            if found is None:
+                return None
+            geometry, pre, mode = found
+            if pre is not None:
+                x = F.pad(x, pre, mode=mode)
+        return FusedLoRA.apply(x, weight, bias, geometry, groups, *factors)
+
     def _stacked(
         self, slot: str, weight: torch.Tensor, bias: torch.Tensor | None, a_weights: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[W; A₁; …] and [b; 0; …], cached while none of them changes (never across autograd graphs)."""
         if not a_weights:
             return weight, bias
+        if torch.compiler.is_compiling():  # the compiled graph holds no cache; Dynamo cannot trace is_inference
+            b_all = torch.cat([bias, bias.new_zeros(sum(a.shape[0] for a in a_weights))]) if bias is not None else None
+            return torch.cat([weight, *a_weights]), b_all
         tensors = [weight, *a_weights, *([bias] if bias is not None else [])]
         # inference tensors (made under torch.inference_mode) keep no version counter: never cached
         cacheable = not any(t.is_inference() for t in tensors) and not (

@@ -1,0 +1,125 @@
+"""The training fast path (``compose.fused_train``): its hand-written backward against autograd's numerical
+gradient (``gradcheck``), its output against the unfolded W⋆x + c·B·(A⋆x), and the rule that picks it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapter_hub.compose.fused_train import FusedLoRA, conv_geometry, merge_pays
+
+
+def _factors(out: int, a_shape: tuple[int, ...], r: int, k: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tensors = []
+    for _ in range(k):
+        tensors += [torch.randn(r, *a_shape, generator=g, dtype=torch.float64).requires_grad_(),
+                    torch.randn(out, r, generator=g, dtype=torch.float64).requires_grad_()]  # fmt: skip
+    return tensors
+
+
+def _reference(op, x, weight, bias, groups, factors) -> torch.Tensor:
+    """Each group of rows through its own W⋆x + Σ c·B·(A⋆x), computed unfolded by autograd."""
+    outs = []
+    for start, end, terms in groups:
+        rows = x[start:end]
+        y = op(rows, weight, bias)
+        for i, c in terms:
+            a, b = factors[2 * i], factors[2 * i + 1]
+            ax = op(rows, a, None)
+            y = y + c * (ax @ b.t() if op is F.linear else torch.einsum("or,nr...->no...", b, ax))
+        outs.append(y)
+    return torch.cat(outs)
+
+
+GROUPS = {
+    "single": ((0, 6, ((0, 0.7),)),),
+    "stack": ((0, 6, ((0, 1.0), (1, -0.5))),),
+    "switch": ((0, 2, ((0, 0.7),)), (2, 3, ()), (3, 6, ((1, 1.3),))),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(GROUPS))
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gradients_match_gradcheck_and_the_unfolded_reference(mode: str, bias: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 5, dtype=torch.float64, requires_grad=True)  # rows, tokens, features
+    weight = torch.randn(4, 5, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64) if bias else None
+    factors = _factors(4, (5,), 2, 2, seed=1)
+    groups = GROUPS[mode]
+    fused = lambda x, *f: FusedLoRA.apply(x, weight, b, None, groups, *f)  # noqa: E731
+    assert torch.autograd.gradcheck(fused, (x, *factors), fast_mode=True)
+    got = FusedLoRA.apply(x, weight, b, None, groups, *factors)
+    want = _reference(F.linear, x, weight, b, groups, factors)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+CONVS = {
+    "stride-pad": dict(stride=2, padding=1),
+    "dilation": dict(dilation=2, padding=2),
+    "same-odd": dict(padding="same", dilation=1),  # kernel 2: an odd total, padded on x first
+    "valid": dict(padding="valid"),
+    "reflect": dict(padding=1, padding_mode="reflect"),
+    "circular": dict(padding=2, padding_mode="circular", stride=(1, 2)),
+    "replicate": dict(padding=(1, 0), padding_mode="replicate"),
+}
+
+
+@pytest.mark.parametrize("option", sorted(CONVS))
+@pytest.mark.parametrize("mode", ["single", "switch"])
+def test_conv_gradients_match_gradcheck_for_every_conv_option(option: str, mode: str) -> None:
+    torch.manual_seed(0)
+    kernel = 2 if option == "same-odd" else 3
+    conv = nn.Conv2d(3, 4, kernel, **CONVS[option]).double()
+    geometry, pre, pad_mode = conv_geometry(conv)
+    x = torch.randn(6, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    factors = _factors(4, (3, kernel, kernel), 2, 2, seed=2)
+    groups = GROUPS[mode]
+
+    def fused(x, *f):
+        return FusedLoRA.apply(F.pad(x, pre, mode=pad_mode) if pre else x, conv.weight, conv.bias, geometry, groups, *f)
+
+    assert torch.autograd.gradcheck(fused, (x, *factors), fast_mode=True)
+    got = fused(x, *factors)
+    want = _reference(lambda t, w, b: conv._conv_forward(t, w, b), x, conv.weight, conv.bias, groups, factors)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d(dims: int) -> None:
+    conv = (nn.Conv1d(2, 3, 3, padding=1, stride=2) if dims == 1 else nn.Conv3d(2, 3, 3, padding=1)).double()
+    geometry, pre, _ = conv_geometry(conv)
+    assert pre is None
+    x = torch.randn(4, 2, *([4] * dims), dtype=torch.float64, requires_grad=True)
+    factors = _factors(3, (2, *([3] * dims)), 2, 1, seed=3)
+    groups = ((0, 4, ((0, 0.5),)),)
+    assert torch.autograd.gradcheck(lambda x, *f: FusedLoRA.apply(x, conv.weight, conv.bias, geometry, groups, *f),
+                                    (x, *factors), fast_mode=True)  # fmt: skip
+
+
+def test_the_backbone_weight_is_only_read() -> None:
+    weight = torch.randn(4, 5)
+    before = weight.clone()
+    x = torch.randn(8, 5, requires_grad=True)
+    a, b = torch.randn(2, 5, requires_grad=True), torch.randn(4, 2, requires_grad=True)
+    FusedLoRA.apply(x, weight, None, None, ((0, 8, ((0, 2.0),)),), a, b).square().sum().backward()
+    assert torch.equal(weight, before) and weight.grad is None
+    assert a.grad.abs().max() > 0 and b.grad.abs().max() > 0
+
+
+def test_grouped_convs_are_left_to_the_plain_path() -> None:
+    assert conv_geometry(nn.Conv2d(4, 4, 3, groups=2)) is None
+
+
+def test_merge_pays_where_the_output_has_more_positions_than_channels() -> None:
+    w = torch.empty(512, 64)
+    assert merge_pays(torch.empty(64, 8, 64), w, None)  # 512 token rows, 512 outputs
+    assert not merge_pays(torch.empty(4, 64), w, None)
+    conv_w = torch.empty(512, 512, 3, 3)
+    assert not merge_pays(torch.empty(64, 512, 1, 1), conv_w, (1, 1))  # resnet18's last stage on 32 px
+    assert merge_pays(torch.empty(64, 64, 8, 8), torch.empty(64, 64, 3, 3), (1, 1))
