@@ -66,6 +66,7 @@ def combine(
                 "is normalised by its own ΔW, so it has no delta that sums with others; combine works on Σ wᵢ·ΔWᵢ"
             )
     generator = torch.Generator().manual_seed(seed)
+    workspace: dict[str, torch.Tensor] = {}  # one buffer for the dense methods' deltas, reused across layers
 
     layer_maps = [dict(a.layer_items()) for a in adapters]
     paths = list(dict.fromkeys(p for layers in layer_maps for p in layers))
@@ -89,7 +90,9 @@ def combine(
             out_blocks: Factors = []
             for j in range(len(blocks_per_adapter[0])):
                 factors = [blocks[j] for blocks in blocks_per_adapter]
-                b, a, report = _combine_block(factors, [w for _, w in present], method, density, rank, sign, generator)
+                b, a, report = _combine_block(
+                    factors, [w for _, w in present], method, density, rank, sign, generator, workspace
+                )
                 out_blocks.append((b, a))
                 if report is not None:
                     reports.setdefault(path, []).append(report)
@@ -186,6 +189,7 @@ def _combine_block(
     rank: int | None,
     sign: str,
     generator: torch.Generator,
+    workspace: dict[str, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, methods.TruncationReport | None]:
     full_rank = sum(a.shape[0] for _, a in factors)
     k = rank if rank is not None else full_rank
@@ -194,7 +198,7 @@ def _combine_block(
         return b, a, None
     if method == "svd":
         return methods.svd(factors, weights, k)
-    deltas = [b @ a for b, a in factors]
+    deltas = _dense_deltas(factors, workspace)
     if method == "ties":
         dense = methods.ties(deltas, weights, density, sign)  # type: ignore[arg-type]
     elif method == "magnitude_prune":
@@ -204,6 +208,28 @@ def _combine_block(
     else:
         dense = methods.dare_ties(deltas, weights, density, generator, sign)  # type: ignore[arg-type]
     return methods.factorize(dense, k)
+
+
+def _dense_deltas(factors: Factors, workspace: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """``[B_i @ A_i]``, written into one buffer kept in ``workspace`` and reused by the next layer.
+
+    The dense methods only read their deltas and return new tensors, so one buffer serves every layer: a
+    fresh (out, n) tensor per adapter and layer costs more in first-touch page faults than the product.
+    """
+    dtype = factors[0][0].dtype
+    for b, a in factors:
+        dtype = torch.promote_types(torch.promote_types(dtype, b.dtype), a.dtype)
+    device = factors[0][0].device
+    shape = (len(factors), factors[0][0].shape[0], factors[0][1].shape[1])
+    size = shape[0] * shape[1] * shape[2]
+    buffer = workspace.get("deltas")
+    if buffer is None or buffer.numel() < size or buffer.dtype != dtype or buffer.device != device:
+        grown = 0 if buffer is None else 2 * buffer.numel()  # later layers are often larger
+        buffer = workspace["deltas"] = torch.empty(max(size, grown), dtype=dtype, device=device)
+    out = buffer[:size].view(shape)
+    for i, (b, a) in enumerate(factors):  # the combination is built, not trained: no autograd graph
+        torch.matmul(b.detach().to(dtype), a.detach().to(dtype), out=out[i])
+    return list(out.unbind(0))
 
 
 def _spec(layer: LoRALayer, per_param: dict[str, Factors]) -> dict[str, Any]:

@@ -17,14 +17,21 @@ Two families:
 Every method combines the products ``ΔW_i``, never ``A`` and ``B`` separately: averaging the A's and
 the B's would add cross terms ``B_i A_j`` and is not a combination of the deltas.
 
-Dense methods and the SVD work in float64 and return the promoted dtype of their inputs, so that
-float32 adapters do not lose the small singular values (and the error report stays meaningful).
+Precision. The dense methods work layer by layer in the deltas' own dtype (at least float32), in blocked
+passes, and return the promoted dtype of their inputs. Their discrete choices are exactly those of a
+float64 computation: the same entries kept (the top k by magnitude, ties at the threshold all kept; DARE's
+masks from the same float64 draws) and the same elected signs (the few entries whose float sum is within
+its rounding bound of zero are settled in float64). Only the sums and means carry the working dtype's
+rounding: a few units of ``u`` (2⁻²⁴ in float32) relative to the sum of the magnitudes added. `svd` works
+in float64. `factorize` decomposes a float64 delta by QR and an SVD in float64, and a narrower one through
+the eigendecomposition of its Gram matrix formed in float64, so that float32 adapters keep the exact rank-k
+truncation and a meaningful error report.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -133,28 +140,6 @@ def _check_factors(factors: Sequence[tuple[Tensor, Tensor]]) -> tuple[int, int, 
     return out, n, dtype
 
 
-def _stack_deltas(deltas: Sequence[Tensor]) -> tuple[Tensor, torch.Size, torch.dtype]:
-    """Validate and stack the deltas as float64 rows of a (T, numel) matrix."""
-    if len(deltas) == 0:
-        raise ConfigError("no adapters to combine")
-    shape = deltas[0].shape
-    dtype = deltas[0].dtype
-    for i, d in enumerate(deltas):
-        if d.shape != shape:
-            raise ConfigError(f"adapter {i}: delta shape {tuple(d.shape)} differs from {tuple(shape)}")
-        if not d.is_floating_point():
-            raise ConfigError(f"adapter {i}: delta must be floating point, got {d.dtype}")
-        dtype = torch.promote_types(dtype, d.dtype)
-    if deltas[0].numel() == 0:
-        raise ConfigError("deltas are empty")
-    stacked = torch.stack([d.reshape(-1).to(torch.float64) for d in deltas])
-    return stacked, shape, dtype
-
-
-def _weight_column(ws: list[float], like: Tensor) -> Tensor:
-    return torch.tensor(ws, dtype=like.dtype, device=like.device).unsqueeze(1)
-
-
 # ------------------------------------------------------------------------------------------- factored
 
 
@@ -241,14 +226,18 @@ def factorize(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, TruncationRepor
 
     ``delta`` is viewed as the 2-D matrix ``(out, n) = (shape[0], prod(shape[1:]))`` (a conv kernel
     ``(out, in/groups, kh, kw)`` becomes ``(out, in/groups·kh·kw)``, matching a LoRA ``A`` of that width).
-    With ``ΔW = U S Vᵀ``: ``B' = U_k sqrt(S_k)``, ``A' = sqrt(S_k) V_kᵀ``; same report as `svd`.
+    With ``ΔW = U S Vᵀ``: ``B' = U_k sqrt(S_k)``, ``A' = sqrt(S_k) V_kᵀ``; same report as `svd`, the
+    factors in the dtype of ``delta``. A float64 delta is decomposed by QR and an SVD of the triangle, in
+    float64; narrower ones from the float64 Gram matrix of the shorter side (`_factorize_gram`).
     """
     rank = _check_rank(rank)
     if delta.dim() < 2 or delta.numel() == 0:
         raise ConfigError(f"delta must be a non-empty tensor with >= 2 dims, got shape {tuple(delta.shape)}")
     if not delta.is_floating_point():
         raise ConfigError(f"delta must be floating point, got {delta.dtype}")
-    mat = delta.reshape(delta.shape[0], -1).to(torch.float64)
+    if delta.dtype != torch.float64:
+        return _factorize_gram(delta.reshape(delta.shape[0], -1), rank)
+    mat = delta.reshape(delta.shape[0], -1)
     # QR first, then the SVD of the small square triangle: equally backward stable, and for the wide
     # matrices of conv layers far faster than a direct CPU SVD (512 × 4608 float64: 0.3 s instead of 12 s).
     k = min(rank, min(mat.shape))
@@ -261,35 +250,256 @@ def factorize(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, TruncationRepor
     return _truncate(u[:, :k], s, vh[:k] @ q.T, rank, delta.dtype)
 
 
+def _lower_gram(side: Tensor, blocks: int = 4) -> Tensor:
+    """The lower triangle of ``side @ side.T`` (all that ``torch.linalg.eigh`` reads), block row by block
+    row: ``(blocks + 1) / (2·blocks)`` of the product's cost; the upper triangle is left at zero."""
+    m = side.shape[0]
+    if m < 64 * blocks or side.requires_grad:  # (writing into `out=` cannot be differentiated)
+        return side @ side.T
+    gram = side.new_zeros(m, m)
+    edges = [m * j // blocks for j in range(blocks + 1)]
+    for lo, hi in zip(edges, edges[1:]):
+        torch.matmul(side[lo:hi], side[:hi].T, out=gram[lo:hi, :hi])
+    return gram
+
+
+def _factorize_gram(mat: Tensor, rank: int) -> tuple[Tensor, Tensor, TruncationReport]:
+    """`factorize` of a float32 (or narrower) ``mat`` through the float64 Gram matrix of its shorter side.
+
+    For ``out ≤ n``: ``G = ΔW ΔWᵀ = U diag(σ²) Uᵀ`` (``out × out``), formed and decomposed in float64; the
+    entries of ``ΔW`` are exact in float64, so ``G`` and its eigenvalues carry errors of about
+    ``1e-16·σ₁²`` and the kept vectors errors of about ``1e-16·σ₁² / (σ_k² − σ_{k+1}²)``: far below the
+    float32 rounding of ``ΔW`` itself, at the cost of a matrix product and an ``out × out`` eigensolver
+    instead of a QR of the whole matrix. Then ``P = U_kᵀ ΔW`` (rows ``σ_i·v_iᵀ``), ``s_i = ‖P_i‖`` and
+    ``B' = U_k diag(sqrt(s))``, ``A' = diag(1/sqrt(s)) P``, so that ``B'A' = U_k U_kᵀ ΔW`` exactly, however
+    small a kept ``σ_i`` is, and both factors carry ``sqrt(σ_i)``. (``out > n``: the same on ``ΔWᵀ``.)
+
+    The report's singular values are the ``s_i`` kept, then ``sqrt(max(λ_i, 0))`` of the remaining
+    eigenvalues (absolute error about ``1e-8·σ₁``); ``rel_error = sqrt(Σ_{i>k} λ_i / Σ_i σ_i²)``, the tail
+    energy summed from the discarded eigenvalues themselves (no ``‖ΔW‖² − Σ kept σ²`` cancellation).
+    """
+    dtype = mat.dtype
+    wide = mat.shape[0] <= mat.shape[1]
+    side = (mat if wide else mat.T).to(torch.float64)  # (m, l), m ≤ l
+    m = side.shape[0]
+    k = min(rank, m)
+    evals, evecs = torch.linalg.eigh(_lower_gram(side))  # ascending
+    basis = evecs[:, m - k :].flip(1)  # (m, k): top k, descending
+    proj = basis.T @ side  # (k, l)
+    s = torch.linalg.vector_norm(proj, dim=1)
+    root = s.sqrt()
+    near = basis * root
+    far = proj / torch.where(root > 0, root, 1.0).unsqueeze(1)
+    b, a = (near, far) if wide else (far.T, near.T)
+    if k < rank:  # pad as `_truncate` does
+        b = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], dim=1)
+        a = torch.cat([a, a.new_zeros(rank - k, a.shape[1])], dim=0)
+    kept = [float(x) for x in s.tolist()]
+    tail_energy = [float(x) for x in evals[: m - k].flip(0).clamp_min(0).tolist()]
+    total = math.fsum(x * x for x in kept) + math.fsum(tail_energy)
+    report = TruncationReport(
+        rank=rank,
+        singular_values=(*kept, *(math.sqrt(e) for e in tail_energy)),
+        kept=tuple(kept),
+        rel_error=math.sqrt(math.fsum(tail_energy) / total) if total > 0 else 0.0,
+    )
+    return b.to(dtype), a.to(dtype), report
+
+
 # ---------------------------------------------------------------------------------------------- dense
+#
+# The dense methods run per layer on T task vectors of N entries each, in the deltas' dtype (at least
+# float32), in blocked passes: the T rows are stacked _BLOCK columns at a time into one reused buffer, and
+# every step of a pass works on that block while it is in cache. Whole-layer (T, N) temporaries would go to
+# memory and back at every step, and fresh ones cost first-touch page faults besides. Masks are 0/1 values
+# of the working dtype and sums over the T tasks are pairwise adds of rows: on a CPU both are several times
+# faster than boolean tensors and reductions over the outer dimension.
+
+_BLOCK = 1 << 16
+"""Entries per task in one block (T × 65536 float32 values: 2 MiB at T = 8)."""
+
+_EXACT_SELECT = 1 << 17
+"""Rows of at most this many entries get their top-k threshold from ``torch.kthvalue`` directly."""
+
+_SAMPLE = 1 << 15
+"""Largest sample per row that brackets the top-k threshold of a longer row."""
+
+_SAMPLE_STRIDE = 2654435761
+"""Prime multiplier that scrambles the sample's offsets within their strides."""
+
+_ROW_BLOCK = 1 << 18
+"""Entries of one row per step of the threshold pass (1 MiB in float32)."""
 
 
-def _magnitude_mask(x: Tensor, density: float) -> Tensor:
-    """Per row of ``x`` (T, N): True where ``|x|`` is at least the ``k``-th largest magnitude of the row.
+def _dense_rows(deltas: Sequence[Tensor]) -> tuple[list[Tensor], torch.Size, torch.dtype]:
+    """Validate the deltas; return them as flat rows in the working dtype, their shape and promoted dtype.
 
-    ``k = max(1, floor(density·N + 1/2))`` (density·N rounded half up, at least one entry). Entries tied
-    with the k-th magnitude are all kept, so the mask does not depend on an arbitrary tie-break (ties have
-    probability zero for trained weights; then exactly k entries are kept).
+    The working dtype is the promoted dtype of the deltas, at least float32 (half-precision deltas are
+    widened exactly). Rows alias the caller's tensors where no conversion is needed: they are only read.
+    They are detached: the dense combinations are built, not differentiated.
     """
-    n = x.shape[1]
-    k = max(1, math.floor(density * n + 0.5))
+    if len(deltas) == 0:
+        raise ConfigError("no adapters to combine")
+    shape = deltas[0].shape
+    dtype = deltas[0].dtype
+    for i, d in enumerate(deltas):
+        if d.shape != shape:
+            raise ConfigError(f"adapter {i}: delta shape {tuple(d.shape)} differs from {tuple(shape)}")
+        if not d.is_floating_point():
+            raise ConfigError(f"adapter {i}: delta must be floating point, got {d.dtype}")
+        dtype = torch.promote_types(dtype, d.dtype)
+    if deltas[0].numel() == 0:
+        raise ConfigError("deltas are empty")
+    work = torch.promote_types(dtype, torch.float32)
+    device = deltas[0].device
+    return [d.detach().reshape(-1).to(device=device, dtype=work) for d in deltas], shape, dtype
+
+
+def _blocks(rows: list[Tensor], buffer: Tensor, masks: Tensor | None = None) -> Iterator[tuple[int, int, Tensor]]:
+    """``(start, stop, x)`` over column blocks, ``x`` = the rows' entries ``start:stop`` stacked as (T, w),
+    times ``masks[:, start:stop]`` when a boolean (T, N) ``masks`` is given.
+
+    ``x`` is a view of ``buffer`` (at least T·min(N, _BLOCK) entries), overwritten by the next block; the
+    caller may change it in place.
+    """
+    t, n = len(rows), rows[0].numel()
+    for start in range(0, n, _BLOCK):
+        stop = min(start + _BLOCK, n)
+        x = buffer[: t * (stop - start)].view(t, stop - start)
+        torch.stack([r[start:stop] for r in rows], out=x)
+        if masks is not None:
+            x.mul_(masks[:, start:stop].to(x.dtype))  # (a boolean operand would take a slow path)
+        yield start, stop, x
+
+
+def _sum_rows_(m: Tensor) -> Tensor:
+    """Σ over the rows of ``m`` (T, w) by pairwise adds in place (``m`` is overwritten); a (w,) view.
+
+    Pairwise: the rounding error is at most ``⌈log₂T⌉·u`` relative to ``Σ|m_i|``.
+    """
+    rows = m.shape[0]
+    while rows > 1:
+        half = rows // 2
+        m[:half].add_(m[rows - half : rows])  # with an odd count the middle row waits a round
+        rows -= half
+    return m[0]
+
+
+def _keep_count(density: float, n: int) -> int:
+    """Entries kept per row by magnitude: ``max(1, floor(density·n + 1/2))``."""
+    return max(1, math.floor(density * n + 0.5))
+
+
+def _sample_size(n: int) -> int:
+    """Entries sampled from a row of n: about (2n)^(2/3), which balances the sample's two selections
+    against the band that a smaller sample leaves (its width falls as 1/sqrt(s))."""
+    return min(n // 8, _SAMPLE, math.ceil((2.0 * n) ** (2 / 3)))
+
+
+def _sample_index(n: int, s: int, device: torch.device) -> Tensor:
+    """Stratified sample positions: one entry of each of s equal strides of ``range(n)``, at a scrambled
+    offset within it (ascending, so the gather reads the row front to back)."""
+    i = torch.arange(s, device=device)
+    return i.mul(n).div_(s, rounding_mode="floor").add_(i.mul_(_SAMPLE_STRIDE).remainder_(n // s))
+
+
+def _magnitude_thresholds(rows: list[Tensor], density: float) -> Tensor | None:
+    """Per row, the k-th largest ``|x|`` (counting repeated values), as a (T, 1) column; None when k = N.
+
+    ``k = max(1, floor(density·N + 1/2))``. Keeping ``|x| ≥`` this threshold keeps the top k entries, and
+    all entries tied with the k-th (ties have probability zero for trained weights; then exactly k).
+
+    Exact, without a sort or a selection over whole rows (``torch.kthvalue`` costs about 20 ns an entry on
+    a CPU). A spread sample of s entries per row brackets the threshold: ``lo ≤ v < hi`` unless the sample
+    misleads by more than 3.5 standard deviations (probability about 5e-4). One pass over each row,
+    ``_ROW_BLOCK`` entries at a time, counts ``#(|x| ≥ hi)`` and ``#(lo ≤ |x| < hi)`` and collects the band
+    ``[lo, hi)`` (a few percent of the row); the threshold is then the ``(k − #(|x| ≥ hi))``-th largest of
+    the band. A row whose counts show that the bracket missed falls back to ``torch.kthvalue`` on the row.
+    """
+    t, n = len(rows), rows[0].numel()
+    k = _keep_count(density, n)
     if k >= n:
-        return torch.ones_like(x, dtype=torch.bool)
-    mag = x.abs()
-    threshold = torch.topk(mag, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
-    return mag >= threshold
+        return None
+    if n <= _EXACT_SELECT:
+        return torch.stack(rows).abs_().kthvalue(n - k + 1, dim=1, keepdim=True).values
+    s = _sample_size(n)
+    index = _sample_index(n, s, rows[0].device)
+    sample = torch.stack([r.index_select(0, index) for r in rows]).abs_()
+    p = k / n
+    margin = 3.5 * math.sqrt(s * p * (1.0 - p)) + 2.0
+    top, bottom = math.floor(p * s - margin), math.ceil(p * s + margin)  # ranks from the largest, from 0
+    inf = torch.full((t, 1), math.inf, dtype=sample.dtype, device=sample.device)
+    if bottom < s:  # the bottom + 1 largest, then lo and hi among them
+        largest = sample.topk(bottom + 1, dim=1, sorted=False).values
+        lo = largest.amin(dim=1, keepdim=True)
+        hi = largest.kthvalue(bottom + 1 - top, dim=1, keepdim=True).values if top >= 0 else inf
+    else:
+        lo = torch.zeros_like(inf)
+        hi = sample.kthvalue(s - top, dim=1, keepdim=True).values if top >= 0 else inf
+    # Groups of `group` entries are flagged when they hold a band entry (a fraction 1 − (1 − f)^group of
+    # them for a band fraction f, aimed at about 0.2) and only those are gathered: a nonzero over groups
+    # instead of over entries.
+    group = 1 << max(0, min(6, round(math.log2(0.1 * s / margin))))
+    width = min(n, _ROW_BLOCK)
+    mag, high, band = (sample.new_empty(width) for _ in range(3))
+    ones = sample.new_ones(group)
+    thresholds = torch.empty(t, 1, dtype=sample.dtype, device=sample.device)
+    for i, r in enumerate(rows):
+        # Counts of blocks (exact in float32: at most 2^18) add up in float64, exact for any row length.
+        above = sample.new_zeros((), dtype=torch.float64)  # #(|x| ≥ hi)
+        inside = sample.new_zeros((), dtype=torch.float64)  # #(lo ≤ |x| < hi)
+        found: list[Tensor] = []  # band values, and −1 for the other entries of the flagged groups
+        for start in range(0, n, width):
+            w = min(width, n - start)
+            cut = w - w % group
+            a = torch.abs(r[start : start + w], out=mag[:w])
+            h = torch.ge(a, hi[i, 0], out=high[:w])
+            above += h.sum()
+            f = torch.ge(a, lo[i, 0], out=band[:w]).sub_(h)  # 1 in [lo, hi)
+            if cut:
+                counts = f[:cut].view(-1, group) @ ones
+                inside += counts.sum()
+                hit = counts.bool().nonzero().squeeze(1)
+                flags = f[:cut].view(-1, group).index_select(0, hit)
+                found.append(a[:cut].view(-1, group).index_select(0, hit).mul_(flags).add_(flags.sub_(1)).view(-1))
+            if cut < w:
+                inside += f[cut:].sum()
+                found.append(a[cut:] * f[cut:] + (f[cut:] - 1))
+        rank = k - int(above.item())  # the threshold's rank from the top within the band
+        if 1 <= rank <= inside.item():
+            values = torch.cat(found)
+            values = values[values >= 0]
+            thresholds[i] = values.kthvalue(values.numel() - rank + 1).values
+        else:  # the sample's bracket missed this row
+            thresholds[i] = r.abs().kthvalue(n - k + 1).values
+    return thresholds
 
 
-def _dare_mask(stacked: Tensor, density: float, generator: torch.Generator) -> Tensor:
-    """Keep masks, one row per task, drawn in task order as ``torch.rand(numel) < density``.
+def _dare_masks(
+    rows: list[Tensor], ws: list[float], density: float, generator: torch.Generator
+) -> tuple[list[Tensor], Tensor]:
+    """The tasks of non-zero weight and their DARE keep masks ``M_i`` (boolean, (T', N)), drawn in task order.
 
-    Each row is ``torch.rand(N, generator=generator, dtype=torch.float64, device=generator.device)``;
-    drawing on the generator's device and then moving makes the masks independent of where the deltas
-    live, so a seed gives the same combination on CPU and GPU.
+    ``M_i = [u < density]`` with ``u = torch.rand(N, generator=generator, dtype=torch.float64)``, drawn for
+    every task (so that a zero weight does not shift the others' draws), on the generator's device and
+    then moved, so a seed gives the same masks on CPU and GPU. ``uniform_`` into one reused buffer draws
+    the same numbers as ``torch.rand``: the masks are those of every earlier version. (On a CPU the float64
+    draws are most of DARE's cost: about 6–9 ns an entry, from one sequential stream.)
     """
-    n = stacked.shape[1]
-    rows = [torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device) for _ in stacked]
-    return (torch.stack(rows) < density).to(stacked.device)
+    n = rows[0].numel()
+    draws = torch.empty(n, dtype=torch.float64, device=generator.device)
+    kept = [r for r, w in zip(rows, ws) if w != 0]
+    masks = torch.empty(len(kept), n, dtype=torch.bool, device=rows[0].device)
+    i = 0
+    for w in ws:
+        draws.uniform_(generator=generator)
+        if w != 0:
+            if masks.device == draws.device:
+                torch.lt(draws, density, out=masks[i])
+            else:
+                masks[i].copy_(torch.lt(draws, density))
+            i += 1
+    return kept, masks
 
 
 def _elect_and_mean(tau: Tensor, sign: SignMethod) -> Tensor:
@@ -297,6 +507,7 @@ def _elect_and_mean(tau: Tensor, sign: SignMethod) -> Tensor:
 
     ``"total"``: ``γ = sgn(Σ_i τ_i)``; ``"frequency"``: ``γ = sgn(#{i: τ_i > 0} − #{i: τ_i < 0})``;
     a tie (0) elects +1. Result ``Σ_{i∈S} τ_i / max(1, |S|)`` with ``S = {i : τ_i ≠ 0, sgn τ_i = γ}``.
+    The direct form, used for the few entries that `_ties_blocks` settles in float64.
     """
     if sign == "total":
         score = tau.sum(dim=0)
@@ -314,11 +525,132 @@ def _check_sign(sign: str) -> SignMethod:
     return sign  # type: ignore[return-value]
 
 
+def _column(values: list[float], like: Tensor) -> Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
+
+
+def _ties_blocks(
+    rows: list[Tensor],
+    thresholds: Tensor | None,
+    ws: list[float],
+    sign: SignMethod,
+    buffer: Tensor,
+    divisor: float | None = None,
+    masks: Tensor | None = None,
+) -> Tensor:
+    """TIES election and disjoint mean of ``τ_i = w_i·(x_i ⊙ [|x_i| ≥ v_i]) / divisor`` in blocked passes.
+
+    All ``w_i ≠ 0``; no trim where ``thresholds`` is None, no division where ``divisor`` is None; with
+    ``masks`` (DARE's), ``x_i`` is ``ΔW_i ⊙ M_i``. Per entry, with ``y_i = sgn(w_i)·x_i·[|x_i| ≥ v_i]``
+    (exact) and ``τ_i = c_i·y_i``, ``c_i = |w_i| / divisor``:
+    ``n₊ = #{y_i > 0}``, ``n₋ = #{y_i < 0}`` (exact counts, so ``"frequency"`` elects exactly),
+    ``P = Σ max(τ_i, 0)``, ``Q = Σ max(−τ_i, 0)``; ``"total"`` elects + iff ``S = Σ τ_i ≥ 0``, and the
+    result is ``P / n₊`` or ``−Q / n₋`` (0 where no task votes). When all ``c_i`` are equal they multiply
+    the sums instead of the entries. The pairwise sums carry a rounding error of at most
+    ``(⌈log₂T⌉ + 1)·u·(P + Q)``, so the sign of the computed S is the float64 sign wherever
+    ``|S| > 4(T + 1)·u·(P + Q)``; the rare entries inside that bound (exact cancellations included) are
+    recomputed in float64 exactly as the float64 algorithm computes them (`_elect_and_mean`).
+    """
+    t, n = len(rows), rows[0].numel()
+    like = rows[0]
+    scratch = like.new_empty(2 * t * min(n, _BLOCK))
+    out = like.new_empty(n)
+    zero = like.new_zeros(())
+    signs = _column([math.copysign(1.0, w) for w in ws], like)
+    flip = any(w < 0 for w in ws)
+    sizes = [abs(w) / (divisor or 1.0) for w in ws]
+    uniform = all(c == sizes[0] for c in sizes)
+    size = sizes[0] if uniform else _column(sizes, like)
+    # With a threshold v_i > 0 a kept entry is non-zero, so the mask itself counts the voters.
+    kept_count = thresholds is not None and bool((thresholds > 0).all())
+    u = torch.finfo(like.dtype).eps / 2
+    tiny = torch.finfo(like.dtype).smallest_normal * torch.finfo(like.dtype).eps
+    unsure: list[Tensor] = []
+    for start, stop, y in _blocks(rows, buffer, masks):
+        w = stop - start
+        a, b = scratch[: t * w].view(t, w), scratch[t * w : 2 * t * w].view(t, w)
+        if thresholds is not None:
+            y.mul_(torch.ge(torch.abs(y, out=a), thresholds, out=a))
+        if kept_count:
+            voters = _sum_rows_(a).clone()  # n₊ + n₋
+        if flip:
+            y.mul_(signs)
+        torch.sign(y, out=a)
+        if not kept_count:
+            voters = _sum_rows_(torch.abs(a, out=b)).clone()
+        diff = _sum_rows_(a).clone()  # n₊ − n₋
+        if not uniform:
+            y.mul_(size)
+        pos = _sum_rows_(torch.clamp_min(y, 0, out=a))  # P (of y when uniform)
+        if sign == "total":
+            score = _sum_rows_(y)  # S (of y)
+            neg = pos - score  # Q = P − S: no cancellation where − is elected (S < 0)
+            bound = (pos + neg).mul_(4 * (t + 1) * u).add_(t * tiny)
+            doubt = torch.le(score.abs(), bound, out=bound).mul_(torch.gt(voters, zero, out=b[0]))
+            if doubt.amax().item() > 0:
+                unsure.append(doubt.nonzero().squeeze(1).add_(start))
+        else:
+            score = diff
+            neg = _sum_rows_(torch.clamp_max(y, 0, out=b)).neg()
+        n_pos = voters.add(diff).mul_(0.5).clamp_min_(1)
+        n_neg = voters.sub_(diff).mul_(0.5).clamp_min_(1)
+        up = torch.ge(score, zero, out=score)  # elected sign +: 1, −: 0
+        res = pos.div_(n_pos).mul_(up).sub_(neg.div_(n_neg).mul_(up.sub_(1).neg_()))
+        out[start:stop] = res.mul_(size) if uniform else res
+    if unsure:
+        # As the float64 algorithm computes them: τ = (x ⊙ mask) [/ divisor] · w, then elect and mean.
+        index = torch.cat(unsure)
+        x = torch.stack([r[index] for r in rows]).to(torch.float64)
+        if masks is not None:
+            x = x * masks[:, index]
+        if thresholds is not None:
+            x = x * (x.abs() >= thresholds.to(torch.float64))
+        if divisor is not None:
+            x = x / divisor
+        tau = x * torch.tensor(ws, dtype=torch.float64, device=x.device).unsqueeze(1)
+        out[index] = _elect_and_mean(tau, sign).to(out.dtype)
+    return out
+
+
+def _weighted_sum_blocks(
+    rows: list[Tensor],
+    thresholds: Tensor | None,
+    coefficients: list[float],
+    buffer: Tensor,
+    masks: Tensor | None = None,
+) -> Tensor:
+    """``Σ_i c_i·(x_i ⊙ [|x_i| ≥ v_i])`` in blocked passes (no trim where ``thresholds`` is None; with
+    ``masks``, ``x_i`` is ``ΔW_i ⊙ M_i``)."""
+    t, n = len(rows), rows[0].numel()
+    like = rows[0]
+    scratch = like.new_empty(t * min(n, _BLOCK))
+    out = like.new_empty(n)
+    coef = _column(coefficients, like)
+    for start, stop, y in _blocks(rows, buffer, masks):
+        if thresholds is not None:
+            a = scratch[: y.numel()].view_as(y)
+            y.mul_(torch.ge(torch.abs(y, out=a), thresholds, out=a))
+        out[start:stop] = _sum_rows_(y.mul_(coef))
+    return out
+
+
+def _buffer(rows: list[Tensor]) -> Tensor:
+    """The block buffer of `_blocks` for these rows."""
+    return rows[0].new_empty(len(rows) * min(rows[0].numel(), _BLOCK))
+
+
+def _nonzero_weights(rows: list[Tensor], ws: list[float]) -> tuple[list[Tensor], list[float]]:
+    """The tasks of non-zero weight (a zero weight makes ``τ_i = 0``: no vote, nothing in any sum)."""
+    pairs = [(r, w) for r, w in zip(rows, ws) if w != 0]
+    return [r for r, _ in pairs], [w for _, w in pairs]
+
+
 def ties(deltas: Sequence[Tensor], weights: Sequence[float], density: float, sign: SignMethod = "total") -> Tensor:
     """TIES merging (Yadav et al. 2023) of one layer's deltas, entrywise on the flattened tensors.
 
     1. Trim: ``t_i = ΔW_i ⊙ m_i``, ``m_i`` keeping the top-``density`` fraction of entries of ``ΔW_i`` by
-       magnitude (``k = max(1, round_half_up(density·numel))``, per layer: the caller passes one layer).
+       magnitude (``k = max(1, round_half_up(density·numel))``, per layer: the caller passes one layer;
+       entries tied with the k-th largest magnitude are all kept).
     2. Weight: ``τ_i = w_i · t_i``. The weights enter here, **before** the sign election, so a negative
        weight turns a task vector into its negation (task removal) and it then votes with its flipped
        sign. (PEFT's ``ties`` instead elects on the unweighted ``t_i`` and applies ``w_i`` only inside the
@@ -329,14 +661,19 @@ def ties(deltas: Sequence[Tensor], weights: Sequence[float], density: float, sig
 
     As in PEFT, the weights are not normalised and there is no extra λ: with all ``w_i = 1`` and identical
     deltas the result is the (trimmed) delta itself. Returns the shape and promoted dtype of the inputs.
+    Steps 1 and 3 are exact (the entries and signs of a float64 computation); the sums of step 4 are
+    rounded in the working dtype (see the module docstring).
     """
-    stacked, shape, dtype = _stack_deltas(deltas)
-    ws = _check_weights(weights, len(deltas))
+    rows, shape, dtype = _dense_rows(deltas)
+    ws = _check_weights(weights, len(rows))
     density = _check_density(density)
     sign = _check_sign(sign)
-    # In place: `stacked` is a fresh float64 copy, and these tensors are large (T × numel).
-    tau = stacked.mul_(_magnitude_mask(stacked, density)).mul_(_weight_column(ws, stacked))
-    return _elect_and_mean(tau, sign).reshape(shape).to(dtype)
+    rows, ws = _nonzero_weights(rows, ws)
+    if not rows:
+        return deltas[0].new_zeros(shape, dtype=dtype)
+    buffer = _buffer(rows)
+    thresholds = _magnitude_thresholds(rows, density)
+    return _ties_blocks(rows, thresholds, ws, sign, buffer).reshape(shape).to(dtype)
 
 
 def magnitude_prune(deltas: Sequence[Tensor], weights: Sequence[float], density: float) -> Tensor:
@@ -344,11 +681,15 @@ def magnitude_prune(deltas: Sequence[Tensor], weights: Sequence[float], density:
 
     ``m_i`` keeps the top-``density`` fraction of the entries of ``ΔW_i`` by magnitude, as in `ties`.
     """
-    stacked, shape, dtype = _stack_deltas(deltas)
-    ws = _check_weights(weights, len(deltas))
+    rows, shape, dtype = _dense_rows(deltas)
+    ws = _check_weights(weights, len(rows))
     density = _check_density(density)
-    trimmed = stacked.mul_(_magnitude_mask(stacked, density))
-    return (trimmed * _weight_column(ws, stacked)).sum(dim=0).reshape(shape).to(dtype)
+    rows, ws = _nonzero_weights(rows, ws)
+    if not rows:
+        return deltas[0].new_zeros(shape, dtype=dtype)
+    buffer = _buffer(rows)
+    thresholds = _magnitude_thresholds(rows, density)
+    return _weighted_sum_blocks(rows, thresholds, ws, buffer).reshape(shape).to(dtype)
 
 
 def dare_linear(
@@ -361,11 +702,14 @@ def dare_linear(
     rescaling by ``1/density`` makes the expectation equal ``Σ_i w_i ΔW_i``. Seed the generator for a
     reproducible combination.
     """
-    stacked, shape, dtype = _stack_deltas(deltas)
-    ws = _check_weights(weights, len(deltas))
+    rows, shape, dtype = _dense_rows(deltas)
+    ws = _check_weights(weights, len(rows))
     density = _check_density(density)
-    dropped = stacked * _dare_mask(stacked, density, generator) / density
-    return (dropped * _weight_column(ws, stacked)).sum(dim=0).reshape(shape).to(dtype)
+    kept, masks = _dare_masks(rows, ws, density, generator)
+    if not kept:
+        return deltas[0].new_zeros(shape, dtype=dtype)
+    coefficients = [w / density for w in ws if w != 0]
+    return _weighted_sum_blocks(kept, None, coefficients, _buffer(kept), masks).reshape(shape).to(dtype)
 
 
 def dare_ties(
@@ -381,9 +725,13 @@ def dare_ties(
     replaces TIES' magnitude trim, as in the DARE paper and PEFT), then the sign election and disjoint
     mean of `ties` (steps 3–4) on the ``τ_i``; weights enter before the election, as in `ties`.
     """
-    stacked, shape, dtype = _stack_deltas(deltas)
-    ws = _check_weights(weights, len(deltas))
+    rows, shape, dtype = _dense_rows(deltas)
+    ws = _check_weights(weights, len(rows))
     density = _check_density(density)
     sign = _check_sign(sign)
-    tau = stacked * _dare_mask(stacked, density, generator) / density * _weight_column(ws, stacked)
-    return _elect_and_mean(tau, sign).reshape(shape).to(dtype)
+    kept, masks = _dare_masks(rows, ws, density, generator)
+    if not kept:
+        return deltas[0].new_zeros(shape, dtype=dtype)
+    nonzero = [w for w in ws if w != 0]
+    result = _ties_blocks(kept, None, nonzero, sign, _buffer(kept), divisor=density, masks=masks)
+    return result.reshape(shape).to(dtype)

@@ -2,7 +2,9 @@
 papers' definitions.
 
 The references deliberately use different code paths from the module: dense products and a dense SVD
-for the factored methods, plain Python loops over entries for TIES / DARE / magnitude pruning.
+for the factored methods, plain Python loops over entries for TIES / DARE / magnitude pruning, and the
+earlier float64 implementation (whole-layer float64 stacks, ``torch.topk``, QR + SVD) for the float32
+paths, which must keep its choices exactly and its values within float32 rounding.
 """
 
 from __future__ import annotations
@@ -387,3 +389,244 @@ def test_a_layer_that_cannot_merge_is_refused_with_its_reason_whatever_the_rank(
     with pytest.raises(CombineError, match="cannot combine 0"):
         model.combine("c", ["a", "b"], method=method, **params)
     assert "c" not in model.adapters
+
+
+# ------------------------------------------------- float32 against the float64 algorithm it replaces
+#
+# The module works in the adapters' dtype; these references are the earlier implementation, which stacked
+# the deltas in float64, trimmed with torch.topk and factorised by QR + SVD in float64.
+
+U32 = 2.0**-24  # unit roundoff of float32
+
+
+def f64_magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
+    n = x.shape[1]
+    k = max(1, math.floor(density * n + 0.5))
+    if k >= n:
+        return torch.ones_like(x, dtype=torch.bool)
+    mag = x.abs()
+    return mag >= torch.topk(mag, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+
+
+def f64_elect_and_mean(tau: torch.Tensor, sign: str) -> torch.Tensor:
+    score = tau.sum(0) if sign == "total" else (tau > 0).sum(0) - (tau < 0).sum(0)
+    elected = torch.where(score >= 0, 1.0, -1.0).to(tau.dtype)
+    agree = tau * elected > 0
+    return torch.where(agree, tau, 0.0).sum(0) / agree.sum(0).clamp_min(1).to(tau.dtype)
+
+
+def f64_method(method: str, deltas, weights, density: float, seed: int = 0, sign: str = "total"):
+    """The float64 result of ``method`` and, per entry, Σ|τ_i| (the scale of a sum's rounding)."""
+    x = torch.stack([d.reshape(-1).to(F64) for d in deltas])
+    w = torch.tensor(weights, dtype=F64).unsqueeze(1)
+    if method in ("ties", "magnitude_prune"):
+        tau = x * f64_magnitude_mask(x, density) * w
+    else:
+        g = torch.Generator().manual_seed(seed)
+        drawn = torch.stack([torch.rand(x.shape[1], generator=g, dtype=F64) for _ in deltas]) < density
+        tau = x * drawn / density * w
+    out = f64_elect_and_mean(tau, sign) if method in ("ties", "dare_ties") else tau.sum(0)
+    shape = deltas[0].shape
+    return out.reshape(shape), tau.abs().sum(0).reshape(shape)
+
+
+def run_method(method: str, deltas, weights, density: float, seed: int = 0, sign: str = "total"):
+    generator = torch.Generator().manual_seed(seed)
+    if method == "ties":
+        return methods.ties(deltas, weights, density, sign=sign)
+    if method == "dare_ties":
+        return methods.dare_ties(deltas, weights, density, generator, sign=sign)
+    if method == "dare_linear":
+        return methods.dare_linear(deltas, weights, density, generator)
+    return methods.magnitude_prune(deltas, weights, density)
+
+
+DENSE_CASES = [
+    ("ties", "total"),
+    ("ties", "frequency"),
+    ("dare_ties", "total"),
+    ("dare_ties", "frequency"),
+    ("dare_linear", "total"),
+    ("magnitude_prune", "total"),
+]
+
+
+def check_against_float64(method: str, sign: str, deltas, weights, densities) -> None:
+    for density in densities:
+        got = run_method(method, deltas, weights, density, seed=11, sign=sign)
+        ref, scale = f64_method(method, deltas, weights, density, seed=11, sign=sign)
+        assert got.dtype == torch.float32 and got.shape == deltas[0].shape
+        # The same choices: the same top-k or DARE masks and the same elected signs leave the same zeros
+        # (the deltas have none), and an entry whose sign election differed would be off by its own size.
+        assert torch.equal(got != 0, ref != 0)
+        err = (got.double() - ref).abs()
+        if method in ("ties", "dare_ties"):  # a mean of same-signed terms: relative error
+            assert (err <= 8 * U32 * ref.abs()).all(), (err / ref.abs().clamp_min(1e-30)).max().item() / U32
+        else:  # a signed sum: error relative to the sum of the magnitudes added
+            assert (err <= 8 * U32 * scale).all(), (err / scale.clamp_min(1e-30)).max().item() / U32
+
+
+def _f32_deltas(seed: int, count: int, shape) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(count)]  # float32, non-zero everywhere
+
+
+WEIGHTS = [0.7, -1.3, 0.0, 1.0, -0.4]  # negative and zero weights: a zero must not shift DARE's draws
+
+
+@pytest.mark.parametrize("blocks", ["one", "many"])
+@pytest.mark.parametrize("method,sign", DENSE_CASES)
+def test_float32_dense_methods_match_the_float64_algorithm(method, sign, blocks, monkeypatch):
+    if blocks == "one":  # 540 entries a task: top-k by torch.kthvalue, one block
+        deltas = _f32_deltas(20, 5, (12, 5, 3, 3))
+    else:  # 5820 entries a task through the sampled top-k, in blocks with ragged ends
+        monkeypatch.setattr(methods, "_EXACT_SELECT", 256)
+        monkeypatch.setattr(methods, "_BLOCK", 500)
+        monkeypatch.setattr(methods, "_ROW_BLOCK", 333)
+        deltas = _f32_deltas(20, 5, (60, 97))
+    check_against_float64(method, sign, deltas, WEIGHTS, (0.2, 0.55))
+
+
+@pytest.mark.parametrize("method,sign", DENSE_CASES)
+def test_float32_dense_methods_match_the_float64_algorithm_in_whole_blocks(method, sign, monkeypatch):
+    monkeypatch.setattr(methods, "_EXACT_SELECT", 4096)  # the sampled top-k, at the module's block sizes
+    check_against_float64(method, sign, _f32_deltas(21, 5, (96, 400)), WEIGHTS, (0.2,))
+
+
+@pytest.mark.parametrize("sign", ["total", "frequency"])
+def test_signs_near_a_tie_are_elected_as_in_float64(sign, monkeypatch):
+    """Task 2 cancels task 1 to within a few float32 ulps (exactly on some entries): the float32 sum cannot
+    tell the sign there, so those entries must be settled in float64, with the float64 algorithm's result."""
+    g = torch.Generator().manual_seed(21)
+    n = 6000
+    x1 = torch.randn(n, generator=g)
+    wiggle = torch.randint(-3, 4, (n,), generator=g).double() * 2.0**-24
+    weights = [0.1, 0.3, 0.05]
+    x2 = (-(weights[0] / weights[1]) * x1.double() * (1 + wiggle)).float()
+    x2[:50] = -x1[:50] / 3  # float64 sums of exactly opposite terms where 3·x is exact in float32 (most)
+    x3 = torch.where(torch.rand(n, generator=g) < 0.5, 0.0, torch.randn(n, generator=g) * 1e-3)
+    deltas = [x1, x2, x3]
+    settled = []
+
+    def spy(tau, sign):
+        settled.append(tau.shape[1])
+        return elect(tau, sign)
+
+    elect = methods._elect_and_mean
+    monkeypatch.setattr(methods, "_elect_and_mean", spy)
+    for density in (1.0, 0.6):
+        got = methods.ties(deltas, weights, density, sign=sign)
+        ref, _ = f64_method("ties", deltas, weights, density, sign=sign)
+        assert torch.equal(got != 0, ref != 0)
+        assert ((got.double() - ref).abs() <= 8 * U32 * ref.abs()).all()
+    assert (sum(settled) > 0) == (sign == "total")  # "frequency" counts exactly: nothing to settle
+
+
+def kth_magnitude(row: torch.Tensor, density: float) -> torch.Tensor:
+    n = row.numel()
+    return row.abs().kthvalue(n - max(1, math.floor(density * n + 0.5)) + 1).values
+
+
+def test_thresholds_are_the_exact_kth_magnitude_with_ties_and_a_misleading_sample(monkeypatch):
+    monkeypatch.setattr(methods, "_EXACT_SELECT", 4096)  # the sampled path
+    n = 50_000
+    g = torch.Generator().manual_seed(22)
+    rows = [torch.randn(n, generator=g) for _ in range(3)]
+    rows[1] = (rows[1] * 4).round() / 4  # a dozen distinct magnitudes: thousands tied at the threshold
+    rows[2][methods._sample_index(n, methods._sample_size(n), rows[2].device)] = 1e3  # the sample sees 1e3 only
+    for density in (0.001, 0.2, 0.5, 0.97, 0.995):  # from no upper bracket to no lower one
+        k = max(1, math.floor(density * n + 0.5))
+        got = methods._magnitude_thresholds(rows, density)
+        ref = torch.stack(rows).abs().kthvalue(n - k + 1, dim=1, keepdim=True).values
+        assert torch.equal(got, ref)
+    assert methods._magnitude_thresholds(rows, 1.0) is None  # k = n: everything is kept
+    # ties at the threshold are all kept, so more than k entries survive in the tied row
+    kept = methods.magnitude_prune([rows[1]], [1.0], 0.2)
+    assert int((kept != 0).sum()) > max(1, math.floor(0.2 * n + 0.5))
+    torch.testing.assert_close(kept, rows[1] * (rows[1].abs() >= kth_magnitude(rows[1], 0.2)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_deltas_are_combined_in_float32(dtype):
+    g = torch.Generator().manual_seed(23)
+    deltas = [torch.randn(40, 30, generator=g).to(dtype) for _ in range(3)]
+    got = methods.ties(deltas, [1.0, 0.5, -1.0], 0.3)
+    assert got.dtype == dtype
+    wide = methods.ties([d.float() for d in deltas], [1.0, 0.5, -1.0], 0.3)  # the widening is exact
+    torch.testing.assert_close(got, wide.to(dtype), rtol=0, atol=0)
+
+
+def test_dense_methods_take_deltas_that_require_grad():
+    deltas = [d.float().requires_grad_() for d in _deltas(24, 3)]
+    got = methods.dare_ties(deltas, [1.0, 1.0, 1.0], 0.5, torch.Generator().manual_seed(1))
+    assert not got.requires_grad
+    ref, _ = f64_method("dare_ties", [d.detach() for d in deltas], [1.0, 1.0, 1.0], 0.5, seed=1)
+    assert ((got.double() - ref).abs() <= 8 * U32 * ref.abs()).all()
+
+
+def f64_factorize(mat: torch.Tensor, rank: int):
+    """The earlier factorize: QR + SVD of the triangle in float64; (B'A', singular values, rel_error)."""
+    mat = mat.reshape(mat.shape[0], -1).to(F64)
+    k = min(rank, *mat.shape)
+    if mat.shape[0] >= mat.shape[1]:
+        q, r = torch.linalg.qr(mat)
+        u, s, vh = torch.linalg.svd(r)
+        u = q @ u
+    else:
+        q, r = torch.linalg.qr(mat.T)
+        u, s, vh = torch.linalg.svd(r.T)
+        vh = vh @ q.T
+    tail = torch.linalg.vector_norm(s[k:]).item() if k < s.numel() else 0.0
+    return (u[:, :k] * s[:k]) @ vh[:k], s, tail / torch.linalg.vector_norm(s).item()
+
+
+def _float32_matrix(seed: int, out: int, n: int, low_rank: int | None = None, noise: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(out, n, generator=g) * noise
+    if low_rank:
+        m += torch.randn(out, low_rank, generator=g) @ torch.randn(low_rank, n, generator=g)
+    return m
+
+
+@pytest.mark.parametrize("shape", [(48, 7, 3, 3), (200, 30), (30, 200)])  # wide conv kernel, tall, wide
+def test_float32_factorize_reproduces_the_float64_truncation(shape):
+    delta = _float32_matrix(25, shape[0], math.prod(shape[1:])).reshape(shape)
+    for rank in (1, 5):
+        b, a, rep = methods.factorize(delta, rank)
+        ref, s_ref, rel_ref = f64_factorize(delta, rank)
+        assert b.dtype == a.dtype == torch.float32 and b.shape == (shape[0], rank) and rep.rank == rank
+        prod = b.double() @ a.double()
+        # within the float32 rounding of the factors themselves
+        assert torch.linalg.matrix_norm(prod - ref) <= 4 * U32 * torch.linalg.matrix_norm(ref)
+        assert len(rep.singular_values) == s_ref.numel() and rep.kept == rep.singular_values[:rank]
+        s_got = torch.tensor(rep.singular_values, dtype=F64)
+        torch.testing.assert_close(s_got, s_ref, rtol=1e-10, atol=1e-7 * s_ref[0].item())
+        assert rep.rel_error == pytest.approx(rel_ref, rel=1e-10)
+        # the report is the true error of what is returned
+        mat = delta.reshape(shape[0], -1).double()
+        true = (torch.linalg.matrix_norm(mat - prod) / torch.linalg.matrix_norm(mat)).item()
+        assert rep.rel_error == pytest.approx(true, rel=1e-5)
+
+
+def test_float32_factorize_small_tail_padding_and_zero():
+    # Nearly rank 6: the tail holds about 1e-9 of the energy, where ‖ΔW‖² − Σ kept σ² in float32 would be
+    # all rounding; the reported error still matches the float64 SVD's to 1e-6 of itself.
+    delta = _float32_matrix(26, 60, 90, low_rank=6, noise=1e-4)
+    b, a, rep = methods.factorize(delta, 6)
+    ref, s_ref, rel_ref = f64_factorize(delta, 6)
+    assert 1e-6 < rel_ref < 1e-3
+    assert rep.rel_error == pytest.approx(rel_ref, rel=1e-6)
+    assert torch.linalg.matrix_norm(b.double() @ a.double() - ref) <= 4 * U32 * torch.linalg.matrix_norm(ref)
+    # rank beyond min(out, n): exact, padded with zero columns / rows
+    small = _float32_matrix(27, 7, 5)
+    b, a, rep = methods.factorize(small, 9)
+    assert b.shape == (7, 9) and a.shape == (9, 5) and rep.rel_error == 0.0 and len(rep.kept) == 5
+    torch.testing.assert_close(b @ a, small, rtol=0, atol=1e-5)
+    # a rank-deficient delta: the zero directions get zero factors, not a division by zero
+    b, a, rep = methods.factorize(torch.ones(6, 4), 3)
+    assert torch.isfinite(b).all() and torch.isfinite(a).all() and rep.rel_error == 0.0
+    torch.testing.assert_close(b @ a, torch.ones(6, 4), rtol=0, atol=1e-6)
+    b, a, rep = methods.factorize(torch.zeros(5, 8), 2)
+    assert (b == 0).all() and (a == 0).all() and rep.rel_error == 0.0 and rep.norm == 0.0
+    b, _, _ = methods.factorize(delta.to(torch.bfloat16), 2)
+    assert b.dtype == torch.bfloat16
