@@ -130,7 +130,7 @@ class FusedLoRA(torch.autograd.Function):
             outs.append(y[..., :out_features] if geometry is None else y[:, :out_features])
             # A⋆x is kept for B's gradient (r channels, not the whole stacked output)
             a_outs.append((y[..., out_features:] if geometry is None else y[:, out_features:]).contiguous())
-        ctx.geometry, ctx.groups = geometry, groups
+        ctx.geometry, ctx.groups, ctx.bias = geometry, groups, bias
         ctx.a_outs = [i for i, a in enumerate(a_outs) if a is not None]
         ctx.save_for_backward(x, weight, *factors, *(a for a in a_outs if a is not None))
         return outs[0].contiguous() if len(outs) == 1 else torch.cat(outs)
@@ -141,6 +141,10 @@ class FusedLoRA(torch.autograd.Function):
         geometry, groups = ctx.geometry, ctx.groups
         n_factors = len(rest) - len(ctx.a_outs)
         factors, a_outs = rest[:n_factors], dict(zip(ctx.a_outs, rest[n_factors:]))
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the saved A⋆x carry no history, so the formulas below would give
+            # wrong second derivatives; differentiate the unfolded forward instead (rare, and exact)
+            return _graph_backward(ctx, g, x, weight, factors)
         g = g.contiguous()
         grads: list[torch.Tensor | None] = [None] * n_factors
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] and len(groups) > 1 else None
@@ -166,6 +170,26 @@ class FusedLoRA(torch.autograd.Function):
                 else:
                     grad_x[start:end] = gx
         return grad_x, None, None, None, None, *grads
+
+
+def _graph_backward(ctx, g, x, weight, factors):
+    """The gradients as a differentiable graph: W⋆x + Σ cᵢ·Bᵢ·(Aᵢ⋆x) per group rebuilt with autograd ops."""
+    bias = ctx.bias
+    outs = []
+    for start, end, terms in ctx.groups:
+        rows = x[start:end]
+        y = _op(ctx.geometry, rows, weight, bias)
+        for i, c in terms:
+            ax = _op(ctx.geometry, rows, factors[2 * i], None)
+            b = factors[2 * i + 1]
+            y = y + c * (ax @ b.t() if ctx.geometry is None else torch.einsum("or,nr...->no...", b, ax))
+        outs.append(y)
+    wanted = [(k, t) for k, t in ((0, x), *((5 + i, f) for i, f in enumerate(factors))) if ctx.needs_input_grad[k]]
+    found = torch.autograd.grad(torch.cat(outs), [t for _, t in wanted], g, create_graph=True, allow_unused=True)
+    grads: list[Tensor | None] = [None] * (5 + len(factors))
+    for (k, _), grad in zip(wanted, found):
+        grads[k] = grad
+    return tuple(grads)
 
 
 def _op(geometry: ConvGeometry | None, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Tensor:

@@ -379,12 +379,16 @@ class LayerSite(_Site):
 
     @staticmethod
     def _training(weight: torch.Tensor, bias: torch.Tensor | None, a_weights: list[torch.Tensor]) -> bool:
-        """A training forward of trainable deltas on a frozen base layer: what ``FusedLoRA`` is for."""
+        """A training forward of trainable deltas on a frozen base layer: what ``FusedLoRA`` is for. Under autocast
+        (its backward would meet a low-precision gradient) and torch.func transforms (it has no ``setup_context``)
+        the plain autograd path runs instead."""
         return (
             torch.is_grad_enabled()
             and any(a.requires_grad for a in a_weights)
             and not weight.requires_grad
             and not (bias is not None and bias.requires_grad)
+            and not torch.is_autocast_enabled(weight.device.type)
+            and not torch._C._are_functorch_transforms_active()
         )
 
     def _train_fused(

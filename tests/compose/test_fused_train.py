@@ -123,3 +123,64 @@ def test_merge_pays_where_the_output_has_more_positions_than_channels() -> None:
     conv_w = torch.empty(512, 512, 3, 3)
     assert not merge_pays(torch.empty(64, 512, 1, 1), conv_w, (1, 1))  # resnet18's last stage on 32 px
     assert merge_pays(torch.empty(64, 64, 8, 8), torch.empty(64, 64, 3, 3), (1, 1))
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_second_derivatives_match_gradgradcheck(conv: bool) -> None:
+    """backward(create_graph=True) (Hessian-vector products, gradient penalties, meta-learning) differentiates
+    the unfolded forward: the saved A⋆x carry no history, so the first-order formulas would be wrong here."""
+    torch.manual_seed(0)
+    groups = GROUPS["switch"]
+    if conv:
+        module = nn.Conv2d(2, 3, 3, padding=1).double()
+        geometry, _, _ = conv_geometry(module)
+        x = torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+        factors = _factors(3, (2, 3, 3), 2, 2, seed=4)
+        weight, bias = module.weight, module.bias
+    else:
+        geometry = None
+        x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+        factors = _factors(4, (5,), 2, 2, seed=4)
+        weight, bias = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+
+    def fused(x, *f):
+        return FusedLoRA.apply(x, weight, bias, geometry, groups, *f)
+
+    assert torch.autograd.gradgradcheck(fused, (x, *factors), fast_mode=True)
+
+
+def _small_model():
+    from adapter_hub import AdapterModel, LoRAConfig
+
+    torch.manual_seed(0)
+    model = AdapterModel(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 25, 5)))
+    model.add_adapter("a", LoRAConfig(r=2, alpha=4, targets=["0", "2"]))
+    with torch.no_grad():
+        for name, p in model.adapters["a"].named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.activate("a")
+    return model.train()
+
+
+def test_autocast_training_runs_the_plain_path() -> None:
+    model = _small_model()
+    x = torch.randn(8, 3, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().square().mean()
+    loss.backward()
+    grads = [p.grad for n, p in model.adapters["a"].named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and g.abs().max() > 0 for g in grads)
+
+
+def test_torch_func_grad_gives_autograds_gradients() -> None:
+    from torch.func import functional_call, grad
+
+    model = _small_model()
+    x = torch.randn(8, 3, 5, 5)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    got = grad(lambda p: functional_call(model, p, (x,)).square().sum())(params)
+    model(x).square().sum().backward()
+    for n, p in params.items():
+        assert p.grad.abs().max() > 0
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)
