@@ -505,7 +505,8 @@ def markdown(results: dict) -> str:
         "## Composition (benchmarks/compose_bench.py)",
         "",
         f"{env['machine']}; torch {env['torch']}, torchvision {env['torchvision']}, peft {env['peft']}; "
-        f"{env['threads']} threads; median of {env['repeats']} interleaved rounds; inference mode.",
+        f"{env['threads']} threads; median of {env['repeats']} interleaved rounds; inference mode. Every number is "
+        "CPU: no GPU was available for these runs.",
         "",
     ]
     titles = {
