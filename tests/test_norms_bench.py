@@ -154,7 +154,10 @@ def test_peft_and_owned_batchnorm_get_the_same_first_gradients(bench):
     init = bench.initial_tensors(pristine, head, 2)
     init = {k: torch.randn(t.shape, generator=g) * 0.02 if ".lora_B" in k else t for k, t in init.items()}
 
-    peft_model = bench.peft_model(pristine, "t", bench.peft_targets(pristine), init)
+    # float64: in float32 PEFT's own gradients are off by up to 3% here (a LoRA A of layer4 against the same
+    # model in float64), so a float32 comparison would measure PEFT's rounding, not the agreement
+    x = x.double()
+    peft_model = bench.peft_model(pristine, "t", bench.peft_targets(pristine), init).double()
     peft_params = dict(peft_model.named_parameters())
     want = first_step_grads(peft_model, {k: peft_params[bench.peft_name(k, "t")] for k in init}, x, y)
     assert all(float(v.abs().max()) > 0 for v in want.values())
@@ -164,14 +167,15 @@ def test_peft_and_owned_batchnorm_get_the_same_first_gradients(bench):
         model = AdapterModel(bench.copy.deepcopy(pristine))
         adapter = bench.add_adapter(model, "t", setting, head, 2)
         bench.set_tensors(model, "t", init)
+        model.double()
         params = {f"{path}.{n}": p for path, m in [*adapter.layer_items(), *adapter.head_items()]
                   for n, p in m.named_parameters()}  # fmt: skip
         grads[setting] = first_step_grads(model, {k: params[k] for k in init}, x, y)
-        assert not bench.changed(bench.snapshot(pristine), bench.snapshot(model.backbone))
+        assert not bench.changed(bench.snapshot(pristine), bench.snapshot(model.backbone.float()))
 
     def worst(setting: str) -> float:  # the largest relative difference (Frobenius) over the tensors
         return max(float((grads[setting][k] - v).norm() / v.norm()) for k, v in want.items())
 
-    # float32 sums taken in another order differ by ~1e-6 relative; other statistics move whole gradients
-    assert worst("batchnorm") < 1e-4
+    # the same function: float64 rounding apart; other statistics move whole gradients
+    assert worst("batchnorm") < 1e-9
     assert worst("frozen") > 1e-2
