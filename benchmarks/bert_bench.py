@@ -23,7 +23,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 import transformers
 from peft_copy import copy_into_peft, peft_name
 from results_md import fmt, ratio, write_section
+from timing import interleaved
 from torch import nn
 
 from adapter_hub import AdapterModel, LoRAConfig, Switch
@@ -341,21 +341,6 @@ def run_checks(config: dict, n: int, tokens: int, k: int) -> dict:
 
 
 # --- timing --------------------------------------------------------------------------------------
-def interleaved(cases: dict[tuple[str, str], Callable[[], object]], repeats: int, warmup: int = 2) -> dict:
-    """Median seconds per case over ``repeats`` rounds, each round calling every case once, so that a slow
-    spell of the machine hits all cases alike instead of one of them."""
-    times: dict[tuple[str, str], list[float]] = {c: [] for c in cases}
-    for fn in cases.values():
-        for _ in range(warmup):
-            fn()
-    for _ in range(repeats):
-        for case, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            times[case].append(time.perf_counter() - start)
-    return {case: statistics.median(ts) for case, ts in times.items()}
-
-
 def machine_seconds() -> tuple[float, float, float] | None:
     """(wall clock, busy CPU seconds of the whole machine, CPU seconds of this process); None off Linux.
     Busy is everything but idle and iowait in /proc/stat, so the difference of the last two over a span

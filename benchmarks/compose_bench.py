@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from results_md import fmt, ratio, write_section
+from timing import interleaved
 from torch import nn
 
 from adapter_hub import AdapterModel, LoRAConfig, Switch
@@ -132,19 +133,11 @@ def forward_table(bb: nn.Module, x: torch.Tensor, targets: list[str], peft_targe
             cases[(key, "peft")] = lambda pk=pk, route=route: pk(x, adapter_names=route)
         except Exception as exc:
             failures[(key, "peft")] = f"fails: {type(exc).__name__}"
-    times: dict[tuple[str, str], list[float]] = {c: [] for c in cases}
     with torch.inference_mode():
-        for fn in cases.values():
-            fn()
-            fn()
-        for _ in range(repeats):
-            for case, fn in cases.items():
-                start = time.perf_counter()
-                fn()
-                times[case].append(time.perf_counter() - start)
+        times = interleaved(cases, repeats)
     rows: dict = {}
-    for (case, side), ts in times.items():
-        rows.setdefault(case, {})[side] = statistics.median(ts)
+    for (case, side), t in times.items():
+        rows.setdefault(case, {})[side] = t
     for (case, side), why in failures.items():
         rows.setdefault(case, {})[side] = why
     rows["bare"]["peft"] = rows["bare"]["ours"]
@@ -439,21 +432,6 @@ def training_table(bb: nn.Module, spec: dict, x: torch.Tensor, labels: torch.Ten
     rows["one adapter"]["peak_ours_over_peft"] = rows["one adapter"]["ours_peak"] / rows["one adapter"]["peft_peak"]
     trainable = {key: sum(p.numel() for p in model.parameters() if p.requires_grad) for key, model in m.items()}
     return {"rows": rows, "checks": checks, "trainable": trainable, "k": k}
-
-
-def interleaved(cases: dict, repeats: int, warmup: int = 2) -> dict:
-    """Median seconds per case over ``repeats`` rounds, each round calling every case once, so that a slow
-    spell of the machine hits all cases alike instead of one of them."""
-    times: dict = {c: [] for c in cases}
-    for fn in cases.values():
-        for _ in range(warmup):
-            fn()
-    for _ in range(repeats):
-        for case, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            times[case].append(time.perf_counter() - start)
-    return {case: statistics.median(ts) for case, ts in times.items()}
 
 
 TRAIN_SPECS = {
