@@ -544,13 +544,31 @@ class HeadSite(_Site):
             return self.base_forward(x, *args, **kwargs)
         if r.segments is None:
             return self._head(r.head)(x, *args, **kwargs)
-        outs = [self._head(name)(x[start:end], *args, **kwargs) for name, start, end in r.segments]
+        outs = []
+        for name, start, end in r.segments:
+            head = self._head(name)
+            _check_batch_statistics(head, x[start:end], name, self.path)
+            outs.append(head(x[start:end], *args, **kwargs))
         widths = {y.shape[-1] for y in outs}
         if len(widths) == 1:
             return torch.cat(outs)
         r.widths.update({name: y.shape[-1] for (name, _, _), y in zip(r.segments, outs)})
         width = max(widths)
         return torch.cat([F.pad(y, (0, width - y.shape[-1])) for y in outs])
+
+
+def _check_batch_statistics(head: Callable[..., torch.Tensor], rows: torch.Tensor, name: str, path: str) -> None:
+    """Refuse, naming the adapter, a group of rows that an adapter's own BatchNorm cannot normalise in training
+    mode: one value per channel has no batch variance (a per-sample Switch can give a task a single row of a
+    batch; torch's own error would not say whose rows or which layer)."""
+    if not (isinstance(head, nn.modules.batchnorm._BatchNorm) and head.training):
+        return
+    if rows.dim() >= 2 and rows.numel() // max(1, rows.shape[1]) == 1:
+        raise ConfigError(
+            f"adapter {name!r} has a single row in this training batch, and its own {type(head).__name__} at "
+            f"{path!r} needs more than one value per channel for batch statistics in training mode: give each "
+            "adapter at least 2 rows per batch, or train with norm_layers='frozen'"
+        )
 
 
 def plain_copy(module: nn.Module) -> nn.Module:

@@ -194,6 +194,23 @@ def test_switch_gives_each_group_of_rows_its_adapters_norms_in_training_too():
     assert not torch.allclose(outs["eval"], outs["train"], atol=1e-3), "batch statistics were used in training"
 
 
+def test_a_single_row_of_an_adapter_owning_batchnorm1d_is_refused_naming_it_in_training_only():
+    torch.manual_seed(0)
+    model = AdapterModel(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).eval())
+    for name in ("a", "b"):
+        model.add_adapter(name, LoRAConfig(r=2, targets=["0"], heads=["3"], norm_layers="batchnorm"))
+    model.activate(Switch("a", "b"))
+    x, route = torch.randn(6, 4, generator=G), ["a", "b", "a", None, "a", "a"]
+    before = {k: v.clone() for k, v in model.adapters["b"].state_dict().items()}
+    model.train()
+    with pytest.raises(ConfigError, match=r"adapter 'b' has a single row .* BatchNorm1d at '1'"):
+        model(x, route=route)
+    assert all(torch.equal(v, model.adapters["b"].state_dict()[k]) for k, v in before.items())
+    model.eval()  # running statistics: one row is fine
+    out = model(x, route=route).padded
+    assert torch.isfinite(out).all() and out.abs().sum() > 0
+
+
 def test_stack_runs_the_norms_of_the_adapter_whose_head_runs():
     model = AdapterModel(backbone())
     add(model, "a", 1)
