@@ -349,6 +349,23 @@ def _class_folders(path: Path) -> list[str]:
         raise DataError(f"{path}: {str(exc).splitlines()[0]}") from None
 
 
+def _class_numbers(root: Path, classes: list[str]) -> dict[str, int]:
+    """Folder name -> label. Names are numbered in sorted order, as torchvision's ImageFolder numbers them,
+    except class folders that are all named by numbers (as ``adapter-hub data`` writes them, ``00``..``09``):
+    those numbers are the labels themselves, as ``predict`` reads them, so they must be 0..N-1 each once.
+    (Sorted as text, unpadded ``0``..``11`` would number ``10`` as 2, and predict would read it as 10.)"""
+    if not classes or not all(c.isascii() and c.isdecimal() for c in classes):
+        return {name: i for i, name in enumerate(classes)}
+    numbers = {name: int(name) for name in classes}
+    if sorted(numbers.values()) != list(range(len(classes))):
+        raise DataError(
+            f"{root}: class folders named by numbers are the class indices (predict reads them so), and must be "
+            f"0..{len(classes) - 1} once each for {len(classes)} classes; found {_shown_classes(classes)}: rename "
+            "them, or give the classes names"
+        )
+    return numbers
+
+
 def _read_split(path: Path, class_to_idx: dict[str, int], transform: Callable[[Any], torch.Tensor]) -> Split:
     """One split's images with labels from ``class_to_idx`` (folder name -> label), files ordered as
     ImageFolder orders them (class folders sorted, then files sorted). Every folder named in
@@ -435,7 +452,8 @@ def load_imagefolder(
     ``inputs`` (a backbone's: :func:`adapter_hub.backbones.recorded_inputs`) or resized to ``size``.
 
     Labels: the training split's class folders, sorted, are numbered 0, 1, ... (as ImageFolder numbers
-    them), and ``val/`` and ``test/`` take the same numbers, so a split may lack some classes (folder
+    them) — folders all named by numbers are their own labels (:func:`_class_numbers`) — and ``val/`` and
+    ``test/`` take the same numbers, so a split may lack some classes (folder
     "04" is label 4 of 00..09 in every split). A ``val/`` or ``test/`` class folder that ``train/`` does
     not have is refused: it has no label the trained head could give."""
     if inputs is not None and size is not None:
@@ -449,7 +467,7 @@ def load_imagefolder(
     classes = _class_folders(root / "train" if split_dirs else root)
     if num_classes is not None and len(classes) != num_classes:  # before any image is read
         raise DataError(f"{root} has {len(classes)} classes, the task expects {num_classes}")
-    class_to_idx = {name: i for i, name in enumerate(classes)}
+    class_to_idx = _class_numbers(root, classes)
     if split_dirs:
         train = _read_split(root / "train", class_to_idx, tf)
         val, test = (_read_held_out(root / s, class_to_idx, tf) for s in ("val", "test"))

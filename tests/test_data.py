@@ -137,3 +137,27 @@ def test_imagefolder_bad_files_and_missing_splits_are_one_line(tmp_path: Path):
     (tmp_path / "b" / "val" / "00" / "0.png").unlink()  # a class folder with no image in it
     with pytest.raises(DataError, match=r"val: Found no valid file for the classes 00"):
         data.load_imagefolder(tmp_path / "b")
+
+
+def test_imagefolder_classes_named_by_numbers_are_their_own_labels_as_predict_reads_them(tmp_path: Path):
+    """Unpadded 0..11: sorted as text, ImageFolder would number folder 10 as 2; training and predict must both
+    read it as class 10, or every accuracy predict reports for such a task is silently wrong."""
+    from adapter_hub.predict import _from_folders
+
+    names = [str(i) for i in range(12)]
+    folder_of = _grey_tree(tmp_path / "a", {s: {c: 1 for c in names} for s in ("train", "val", "test")})
+    loaded = data.load_imagefolder(tmp_path / "a", num_classes=12)
+    for s in (loaded.train, loaded.val, loaded.test):
+        got = [folder_of[round(float(x[0, 0, 0]) * 255)] for x in s.x]
+        assert s.y.tolist() == [int(name) for name in got] and 10 in s.y.tolist()
+    items = _from_folders(tmp_path / "a", ["test"])  # the task folder "test", its class folders 0..11
+    assert sorted((it.path.parent.name, it.label) for it in items if it.task == "test") == sorted(
+        (n, int(n)) for n in names
+    )
+    # numbers that are not 0..N-1 once each cannot be the labels: refused, saying why
+    _grey_tree(tmp_path / "b", {"train": {str(i): 1 for i in range(1, 11)}})
+    with pytest.raises(DataError, match=r"must be 0\.\.9 once each for 10 classes; found \['1', '10', '2'"):
+        data.load_imagefolder(tmp_path / "b")
+    _grey_tree(tmp_path / "c", {"train": {"0": 1, "1": 1, "01": 1}})
+    with pytest.raises(DataError, match="class folders named by numbers are the class indices"):
+        data.load_imagefolder(tmp_path / "c")
