@@ -5,6 +5,10 @@
 Targets (at the API level): `ls`, `versions`, `lineage` and a metric comparison each ≤ 50 ms with 10,000
 versions over 1,000 adapters; resolve + verify + attach ≤ 1.5× a raw safetensors load and attach of the
 same file. Writes benchmarks/results/registry.json and the registry section of benchmarks/RESULTS.md.
+
+The web view (`adapter-hub ui`): each page ≤ 200 ms of server time on the same registry, timed through Flask's
+test client (the request handled and the page rendered; no network). `--ui-only` runs just that part (and
+writes only its section of RESULTS.md and benchmarks/results/registry_ui.json).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import results_md
 import torch
 import torchvision
 from sqlalchemy import insert
@@ -33,6 +38,7 @@ from adapter_hub.registry.models import AdapterRow, AliasRow, EdgeRow, MetricRow
 
 HERE = Path(__file__).resolve().parent
 QUERY_TARGET_MS = 50.0
+PAGE_TARGET_MS = 200.0
 LOAD_TARGET = 1.5
 METRICS = ("val/accuracy", "test/accuracy", "train/loss")
 
@@ -139,6 +145,42 @@ def query_bench(hub: Hub, refs: list[str], per_adapter: int, repeat: int) -> dic
     }
 
 
+def ui_bench(hub: Hub, refs: list[str], per_adapter: int, repeat: int) -> dict[str, float]:
+    """Server time of each page of the web view, median of REPEAT requests after a warm-up one. The compared
+    versions get a metric logged over 20 steps first, so that the compare page draws its curves too."""
+    from adapter_hub.ui import create_app
+
+    mid = refs[len(refs) // 2 + 5]
+    task = mid.split("/")[0]
+    compare = [f"{r}:{per_adapter}" for r in refs if r.startswith(f"{task}/")][:10]  # "any adapters of one task"
+    for ref in compare:
+        for step in range(20):
+            hub.log_metric(ref, "val/loss", 1.0 / (step + 1), split="val", step=step * 10)
+    client = create_app(hub=hub).test_client()
+
+    def page(url: str, method: str = "get") -> Callable[[], None]:
+        def get() -> None:
+            response = getattr(client, method)(url)
+            assert response.status_code == 200, (url, response.status_code, response.get_data(as_text=True)[-300:])
+            response.get_data()
+
+        return get
+
+    picked = "&".join(f"ref={r}" for r in compare)
+    pages = {
+        "tasks and adapters (10 tasks, 25 of each one's 100 adapters)": "/",
+        "tasks filtered by name": "/?q=adapter-05",
+        "one task (100 adapters)": f"/tasks/{task}",
+        "an adapter's versions": f"/adapters/{mid}",
+        "a version's detail": f"/versions/{mid}:{per_adapter}",
+        "lineage graph (family of 10 adapters)": f"/lineage/{mid}:1",
+        "compare 10 versions of a task (+ picker of its 1,000 versions)": f"/compare?{picked}",
+    }
+    out = {name: timed(page(url), repeat) for name, url in pages.items()}
+    out["verify button (reads and hashes the blob)"] = timed(page(f"/verify/{mid}:{per_adapter}", "post"), repeat)
+    return out
+
+
 def load_bench(hub: Hub, model: AdapterModel, repeat: int) -> dict[str, float]:
     """hub.load_into (resolve + read + sha256 + attach) vs model.load_adapter of the same file."""
     version = hub.register(model, "lora", task="task-0", name="load-bench")
@@ -176,9 +218,13 @@ def run(url: str | None, home: Path, args: argparse.Namespace, model: AdapterMod
         refs = populate(hub, model, args.adapters, args.per_adapter)
         fill_s = time.perf_counter() - t0
         out: dict[str, Any] = {"database": hub.engine.dialect.name, "populate s": fill_s}
+        if args.ui_only:
+            out["pages ms"] = ui_bench(hub, refs, args.per_adapter, args.repeat)
+            return out
         out["queries ms"] = query_bench(hub, refs, args.per_adapter, args.repeat)
         out["load"] = load_bench(hub, model, args.repeat)
         out["register"] = register_bench(hub, model, args.register)
+        out["pages ms"] = ui_bench(hub, refs, args.per_adapter, args.repeat)  # last: it logs metrics
         return out
 
 
@@ -215,6 +261,30 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ui_report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    import importlib.metadata
+    import shutil
+
+    dot = "Graphviz `dot` on PATH" if shutil.which("dot") else "**no Graphviz `dot`: the lineage page lists edges**"
+    lines = [
+        "## Registry web view (benchmarks/registry_bench.py --ui-only)",
+        "",
+        f"{platform.machine()} ({os.cpu_count()} cpus); Flask {importlib.metadata.version('flask')}; {dot}; "
+        f"{args.adapters * args.per_adapter:,} versions over {args.adapters:,} adapters; server time per page "
+        f"through Flask's test client (request handled, page rendered), median of {args.repeat} requests; "
+        f"load average {os.getloadavg()[0]:.1f} at the end (other processes share the cpus).",
+        "",
+        "| page | " + " | ".join(r["database"] for r in results) + " | target | met |",
+        "|---|" + "---|" * len(results) + "---|---|",
+    ]
+    for name in results[0]["pages ms"]:
+        values = [r["pages ms"][name] for r in results]
+        met = "yes" if max(values) <= PAGE_TARGET_MS else "**no**"
+        cells = " | ".join(f"{v:.1f} ms" for v in values)
+        lines.append(f"| {name} | {cells} | ≤ {PAGE_TARGET_MS:.0f} ms | {met} |")
+    return "\n".join(lines)
+
+
 def write_section(text: str) -> None:
     path = HERE / "RESULTS.md"
     current = path.read_text() if path.exists() else "# Benchmark results\n"
@@ -236,6 +306,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--register", type=int, default=100, help="Versions registered for the throughput.")
     parser.add_argument("--no-write", action="store_true", help="Print only; leave RESULTS.md alone.")
+    parser.add_argument("--ui-only", action="store_true", help="Only the web view's page timings.")
     args = parser.parse_args()
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -258,12 +329,16 @@ def main() -> None:
                 with admin.connect() as conn:
                     conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
                 admin.dispose()
-    text_ = report(results, args)
-    print(text_)
+    ui_text = ui_report(results, args)
+    text_ = None if args.ui_only else report(results, args)
+    print(ui_text if text_ is None else f"{text_}\n{ui_text}")
     if not args.no_write:
         (HERE / "results").mkdir(exist_ok=True)
-        (HERE / "results" / "registry.json").write_text(json.dumps(results, indent=2) + "\n")
-        write_section(text_)
+        name = "registry_ui.json" if args.ui_only else "registry.json"
+        (HERE / "results" / name).write_text(json.dumps(results, indent=2) + "\n")
+        if text_ is not None:
+            write_section(text_)
+        results_md.write_section("registry-ui", ui_text)
 
 
 if __name__ == "__main__":

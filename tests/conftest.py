@@ -8,7 +8,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each xdist worker owns one of the machine's cores: two workers each spinning two OpenMP threads (and the
+    # CLI subprocesses they start) would fight over the same cores and run slower than one worker alone.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS: torch reads it when it starts its thread pool)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 PG_ENV = "ADAPTER_HUB_TEST_PG"
 

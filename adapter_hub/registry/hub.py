@@ -14,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Text, cast, delete, func, select
+from sqlalchemy import Text, cast, delete, func, select, update
 from sqlalchemy import text as sql
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError, DBAPIError, IntegrityError, InterfaceError, NoSuchModuleError
@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .. import checks
 from ..errors import FingerprintMismatch
-from . import limits, schema
+from . import limits, schema, stores
 from . import queries as q
 from .db import (
     WRITE,
@@ -78,6 +78,7 @@ from .records import (
 )
 from .refs import LATEST, Ref, check_key, check_name, parse_ref
 from .store import ArtifactStore, sha256_hex
+from .stores import Store
 
 MAX_ATTEMPTS = 80
 ParentSpec = str | Parent | Sequence[Any] | Mapping[str, Any]
@@ -150,10 +151,14 @@ class Hub:
     `read_only` is True when the database could only be opened for reading (a read-only file, folder or
     share): reads work, every write raises ReadOnlyRegistry."""
 
-    def __init__(self, engine: Engine, home: Path, *, read_only: bool = False, where: str | None = None) -> None:
+    def __init__(self, engine: Engine, home: Path, *, read_only: bool = False, where: str | None = None,
+                 store: Store | None = None, store_url: str | None = None) -> None:  # fmt: skip
         self.engine = engine
         self.home = Path(home)
-        self.store = ArtifactStore(self.home / "artifacts")
+        self.store: Store = store if store is not None else ArtifactStore(self.home / "artifacts")
+        # the store URL the database recorded when this Hub opened (None: each client's HOME/artifacts); a
+        # registration commits only while the database still records it (see _check_store)
+        self.store_url = store_url
         self.read_only = read_only
         self.where = where or engine.url.render_as_string(hide_password=True)
         self._read = sessionmaker(engine, expire_on_commit=False)
@@ -177,9 +182,24 @@ class Hub:
         return home_path, db or default_url(home_path)
 
     @classmethod
-    def open(cls, home: str | Path | None = None, db: str | None = None, *, create: bool = True) -> Hub:
+    def open(
+        cls,
+        home: str | Path | None = None,
+        db: str | None = None,
+        *,
+        create: bool = True,
+        store: str | stores.Recorded | None = None,
+        store_options: Mapping[str, Any] | None = None,
+    ) -> Hub:
         """Open the registry; an empty database is migrated to head (under a lock), any other must be
         at head: an older one is refused naming `adapter-hub db upgrade`, a newer one refused too.
+
+        The artifact store is the one the database records (each client's HOME/artifacts when it records
+        none). `store` (else :func:`~adapter_hub.registry.stores.using_store`, else $ADAPTER_HUB_STORE) names
+        the store this client expects: a new registry records it; a registry that records another is refused
+        in one line (`adapter-hub store set|copy` changes a registry's store). `store_options` are the
+        filesystem's options (an endpoint, a region), never recorded. ``store=stores.RECORDED`` takes the
+        database's store whatever the client configured (the `store` commands).
 
         A SQLite file this process cannot write is opened read-only. A new (missing, empty) database is
         never created beside an artifact store that holds blobs, and a store that belongs to another
@@ -188,11 +208,16 @@ class Hub:
         home_path, url = cls.locate(home, db)
         parsed = parse_url(url)
         where = parsed.render_as_string(hide_password=True)
-        store = ArtifactStore(home_path / "artifacts")
+        wanted, options = stores.configured(store, store_options)
+        named_default = wanted is not None and wanted == stores.default_local(home_path)
+        if named_default:
+            wanted = None  # the default folder, named explicitly: what a registry that records none uses
+        # the store a new registry would use: never created beside one that holds another registry's blobs
+        first_store = stores.open_store(wanted, options) if wanted else ArtifactStore(home_path / "artifacts")
         path = sqlite_path(parsed)
         read_only = path is not None and path.exists() and not sqlite_writable(path)
         if path is not None and not read_only and (not path.exists() or path.stat().st_size == 0):
-            _refuse_new_beside(store, where)
+            _refuse_new_beside(first_store, where)
         modes: list[str | None] = ["ro", "immutable"] if read_only else [None]
         for attempt in range(3):
             mode = modes[min(attempt, len(modes) - 1)]
@@ -227,7 +252,7 @@ class Hub:
         try:
             if not state.up_to_date and create and not read_only:
                 if state.empty:
-                    _refuse_new_beside(store, where)
+                    _refuse_new_beside(first_store, where)
                 # Judge again under the migration lock: a concurrent first open may be mid-migration, and
                 # a new database is migrated here (also one whose first migration was interrupted).
                 try:
@@ -241,6 +266,15 @@ class Hub:
                     ) from None
             schema.check(state, f"database {where}")
             hub = cls(engine, home_path, read_only=read_only, where=where)
+            recorded = hub._settle_store(wanted)
+            if named_default and recorded is not None:
+                hub._settle_store(stores.default_local(home_path))  # refused in the same words
+            if recorded is not None:
+                hub.store = first_store if recorded == wanted else stores.open_store(recorded, options)
+            elif wanted is not None:  # a read-only registry that records no store: the client's, unrecorded
+                hub.store = first_store
+            hub.store_url = recorded
+            hub.store.check()
             hub._bind_store()
         except (DatabaseError, InterfaceError, NoSuchModuleError, ModuleNotFoundError) as exc:
             engine.dispose()
@@ -257,6 +291,47 @@ class Hub:
                 raise StoreMismatch(f"database {self.where} records no registry id; it is damaged")
             return row.registry_id
 
+    def _settle_store(self, wanted: str | None) -> str | None:
+        """The store URL the database records, after recording WANTED in a registry that holds no artifacts
+        and records none yet (a new one); a client whose WANTED differs is refused in one line."""
+        with self._session() as s:
+            recorded = s.scalar(select(RegistryRow.store_url).where(RegistryRow.id == 1))
+            empty = recorded is None and wanted is not None and not self._holds_artifacts(s)
+        if empty and not self.read_only:
+            with self._session(write=True) as s:  # of two first clients, the first to commit records its own
+                s.execute(update(RegistryRow).where(RegistryRow.id == 1, RegistryRow.store_url.is_(None))
+                          .values(store_url=wanted))  # fmt: skip
+                recorded = s.scalar(select(RegistryRow.store_url).where(RegistryRow.id == 1))
+        if wanted is not None and recorded != wanted and not (empty and self.read_only):
+            if recorded is None:
+                raise StoreMismatch(
+                    f"database {self.where} keeps its artifacts in each machine's HOME/artifacts, not in {wanted} "
+                    f"(--store / {stores.STORE_ENV}); to move them run `adapter-hub store copy {wanted} --set`, or "
+                    "drop --store"
+                )
+            raise StoreMismatch(
+                f"database {self.where} keeps its artifacts in {recorded}, not in {wanted} (--store / "
+                f"{stores.STORE_ENV}); drop --store to use the registry's store, or change it with `adapter-hub "
+                "store copy|set`"
+            )
+        return recorded
+
+    def _holds_artifacts(self, s: Session) -> bool:
+        """Whether any version or backbone of the registry has a blob (whatever its status)."""
+        return s.scalar(select(VRow.id).limit(1)) is not None or bool(self._backbone_file_digests(s))
+
+    def _check_store(self, s: Session, *, lock: bool = True) -> None:
+        """Inside a write transaction: refuse to commit against a store the registry no longer uses (`store
+        set` changed it since this Hub opened). The row is read FOR SHARE: `store set` updates it FOR UPDATE
+        after checking every blob, so a registration commits wholly before or after that check."""
+        stmt = select(RegistryRow.store_url).where(RegistryRow.id == 1)
+        recorded = s.scalar(stmt.with_for_update(read=True) if lock else stmt)
+        if recorded != self.store_url:
+            raise StoreMismatch(
+                f"the artifact store of registry {self.where} changed to {stores.shown(recorded, self.home)} since "
+                "this client opened it; nothing was written: open the registry again"
+            )
+
     def _bind_store(self) -> None:
         """Check that the artifact store belongs to this database; bind a store that records no owner yet
         (a new one, or one written before stores recorded their registry)."""
@@ -266,12 +341,12 @@ class Hub:
             return
         if store_id is not None:
             raise StoreMismatch(
-                f"the artifact store {self.store.root} belongs to another registry ({store_id}) than database "
+                f"the artifact store {self.store.url} belongs to another registry ({store_id}) than database "
                 f"{self.where} ({db_id}); check --db / ADAPTER_HUB_DB and --home"
             )
         if self.store.has_blobs() and not self._references_store():
             raise StoreMismatch(
-                f"the artifact store {self.store.root} holds blobs that database {self.where} does not reference; "
+                f"the artifact store {self.store.url} holds blobs that database {self.where} does not reference; "
                 "it belongs to another registry: check --db / ADAPTER_HUB_DB and --home"
             )
         if not self.read_only:
@@ -280,14 +355,14 @@ class Hub:
                 owner = self.store.bind(db_id)
                 if owner != db_id:  # another registry bound this new store a moment ago
                     raise StoreMismatch(
-                        f"the artifact store {self.store.root} was just bound to another registry ({owner}) "
+                        f"the artifact store {self.store.url} was just bound to another registry ({owner}) "
                         f"than database {self.where} ({db_id}); check --db / ADAPTER_HUB_DB and --home"
                     )
 
     def _references_store(self) -> bool:
         with self._session() as s:
             digests = s.scalars(select(VRow.digest).where(VRow.status != "purged").distinct())
-            return any(self.store.path(d).is_file() for d in digests)
+            return any(self.store.has(d) for d in digests)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -382,6 +457,7 @@ class Hub:
                         with self._session(write=True) as s:
                             # the digest's lock: gc's check-then-delete of this blob runs wholly before or after
                             self._lock_digest(s, digest)
+                            self._check_store(s)
                             if s.execute(delete(UploadRow).where(UploadRow.token == upload)).rowcount != 1:
                                 raise _UploadExpired
                             return insert(s)
@@ -568,6 +644,7 @@ class Hub:
                     with self._session(write=True) as s:
                         # the digest's lock: gc's check-then-delete of this blob runs wholly before or after
                         self._lock_digest(s, digest)
+                        self._check_store(s)
                         if s.execute(delete(UploadRow).where(UploadRow.token == upload)).rowcount != 1:
                             raise _UploadExpired
                         version_id = self._insert_version(s, task_id, name, row_values, edges, metric_values,
@@ -875,15 +952,15 @@ class Hub:
                 ids = list(s.scalars(select(VRow.id).where(VRow.status != "purged").order_by(VRow.id)))
             refs = q.ref_rows(s, ids)
             backbone_files = self._backbone_file_digests(s) if ref is None else {}
-        checked: dict[str, str | None] = {}
+        wanted: dict[str, int | None] = {r.digest: r.size for r in refs}
+        wanted.update({d: None for d in backbone_files if d not in wanted})
+        checked = self.store.problems(wanted)  # an object store reads them in batches, side by side
         problems = []
         for r in refs:
-            if r.digest not in checked:
-                checked[r.digest] = self.store.problem(r.digest, r.size)
             if checked[r.digest] is not None:
                 problems.append(Problem(r.ref, r.digest, str(checked[r.digest])))
         for digest, backbone_name in sorted(backbone_files.items(), key=lambda item: item[1]):
-            problem = checked[digest] if digest in checked else self.store.problem(digest)
+            problem = checked[digest]
             if problem is not None:
                 problems.append(Problem(f"backbone {backbone_name}", digest, problem))
         return problems
@@ -901,10 +978,12 @@ class Hub:
             raise ReadOnlyRegistry(f"registry {self.where} is read-only for this user; gc removes nothing")
         if not math.isfinite(grace_s) or grace_s < 0:
             raise RegistryError(f"the grace period must be a finite number of seconds >= 0, got {grace_s}")
+        with self._session() as s:
+            self._check_store(s, lock=False)  # a client opened before `store set` collects nothing
         owner, db_id = self.store.identity(), self.registry_id()
         if owner != db_id:
             raise StoreMismatch(
-                f"the artifact store {self.store.root} does not record database {self.where} as its registry "
+                f"the artifact store {self.store.url} does not record database {self.where} as its registry "
                 f"({'it records ' + owner if owner else 'it records none'}); gc removes nothing"
             )
         now = utcnow()
@@ -982,11 +1061,12 @@ def _unique_edges(edges: list[tuple[Parent, int]]) -> list[tuple[Parent, int]]:
     return [(parent, pid) for (pid, _rel), parent in seen.items()]
 
 
-def _refuse_new_beside(store: ArtifactStore, where: str) -> None:
+def _refuse_new_beside(store: Store, where: str) -> None:
     """A new registry is never created beside an artifact store in use: that is a mistyped database."""
+    store.check()  # an unreachable store says so, in its own words, before anything is created
     if store.has_blobs():
         raise StoreMismatch(
-            f"database {where} is missing or empty, but the artifact store {store.root} holds blobs of a registry; "
+            f"database {where} is missing or empty, but the artifact store {store.url} holds blobs of a registry; "
             "not creating a new registry beside them (check --db / ADAPTER_HUB_DB and --home)"
         )
 

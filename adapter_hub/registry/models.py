@@ -117,7 +117,7 @@ class VersionRow(Base):
 
 
 class RegistryRow(Base):
-    """The registry's identity (one row). The artifact store records the same id: see store.py."""
+    """The registry's identity (one row) and its artifact store. The store records the same id: see stores.py."""
 
     __tablename__ = "registry"
     __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
@@ -125,6 +125,8 @@ class RegistryRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     registry_id: Mapped[str] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The artifact store every client uses (see stores.py); NULL: each client's own HOME/artifacts.
+    store_url: Mapped[str | None] = mapped_column(String(1000))
 
 
 class UploadRow(Base):

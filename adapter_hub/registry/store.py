@@ -14,7 +14,7 @@ import re
 import stat
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .errors import ArtifactError, StorageFull
@@ -46,10 +46,23 @@ def _full(exc: OSError, where: Path) -> StorageFull:
 
 
 class ArtifactStore:
+    """The local store: a folder (each client's HOME/artifacts by default, or a shared one named by its path).
+    Object stores live in object_store.py; stores.py picks one from a URL."""
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.url = str(self.root)
         self.blobs_dir = self.root / "sha256"
         self.tmp_dir = self.root / "tmp"
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.url!r})"
+
+    def check(self) -> None:
+        """A folder is created on first write: nothing to check before."""
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).is_file()
 
     def path(self, digest: str) -> Path:
         """Where the blob of ``digest`` (64 lowercase hex digits) lives. A digest comes from a database row,
@@ -174,6 +187,10 @@ class ArtifactStore:
         if actual != digest:
             return f"corrupt blob: expected sha256:{digest}, found sha256:{actual}"
         return None
+
+    def problems(self, wanted: Mapping[str, int | None]) -> dict[str, str | None]:
+        """:meth:`problem` of each digest (with its recorded size, or None)."""
+        return {digest: self.problem(digest, size) for digest, size in wanted.items()}
 
     # -- listing and collecting ----------------------------------------------------------------------
 
