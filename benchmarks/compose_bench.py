@@ -298,7 +298,15 @@ def train_models(bb: nn.Module, spec: dict, k: int) -> dict:
     full = copy.deepcopy(bb).train()
     for p in full.parameters():
         p.requires_grad_(True)
-    return {"full": full, "peft1": peft_models[0], "peft_k": peft_models[1], "ours1": ours1, "ours_k": ours_k}
+    # The floor of any LoRA step: the same network with only what both sides train besides the factors (the
+    # head and, on the resnet18, the BatchNorms) and nothing else: every layer's forward and the input gradients
+    # that reach the first adapted layer, with no factor, no factor gradient and no fold.
+    floor = copy.deepcopy(bb).train()
+    for name, p in floor.named_parameters():
+        p.requires_grad_(any(name == f"{s}.{leaf}" or f".{s}." in f".{name}" for s in spec["peft_save"]
+                             for leaf in ("weight", "bias")))  # fmt: skip
+    return {"full": full, "peft1": peft_models[0], "peft_k": peft_models[1], "ours1": ours1, "ours_k": ours_k,
+            "floor": floor}
 
 
 def mixed_loss(out, labels: torch.Tensor) -> torch.Tensor:
@@ -409,8 +417,12 @@ def training_table(bb: nn.Module, spec: dict, x: torch.Tensor, labels: torch.Ten
             opts["peft_k"].step()
 
     mixed = f"mixed batch, K={k}"
+    # the floor needs the input gradient through every layer, as a LoRA on the first one does (a ViT's first
+    # adapted layer sits after the patch embedding, which a leaf input with requires_grad reaches)
+    x_floor = x.detach().clone().requires_grad_(spec["floor_input_grad"])
     cases = {
         ("full fine-tune", "ours"): step("full", lambda: F.cross_entropy(m["full"](x), labels)),
+        (FLOOR, "ours"): step("floor", lambda: F.cross_entropy(m["floor"](x_floor), labels)),
         ("one adapter", "ours"): step("ours1", lambda: F.cross_entropy(m["ours1"](x), labels)),
         ("one adapter", "peft"): step("peft1", lambda: F.cross_entropy(m["peft1"](x), labels)),
         (mixed, "ours"): step("ours_k", lambda: mixed_loss(m["ours_k"](x, route=route), labels)),
@@ -428,18 +440,23 @@ def training_table(bb: nn.Module, spec: dict, x: torch.Tensor, labels: torch.Ten
         row["ours_x_full"] = row["ours"] / full
         if isinstance(row.get("peft"), float):
             row["ours_over_peft"] = row["ours"] / row["peft"]
+    # what is left of each side's step once the floor is taken off: the cost of the LoRA part itself
+    floor_t = rows[FLOOR]["ours"]
+    rows["one adapter"]["lora_part_ours_over_peft"] = (one - floor_t) / (rows["one adapter"]["peft"] - floor_t)
+    rows["one adapter"]["floor_over_peft"] = floor_t / rows["one adapter"]["peft"]
     # the mixed row's PEFT side runs a quarter of the batch at a time: its peak is not comparable
     rows["one adapter"]["peak_ours_over_peft"] = rows["one adapter"]["ours_peak"] / rows["one adapter"]["peft_peak"]
     trainable = {key: sum(p.numel() for p in model.parameters() if p.requires_grad) for key, model in m.items()}
     return {"rows": rows, "checks": checks, "trainable": trainable, "k": k}
 
 
+FLOOR = "no LoRA (floor)"
 TRAIN_SPECS = {
     "resnet18": {"targets": RESNET_TARGETS[:-1], "heads": ["fc"], "peft_targets": RESNET_PEFT[:-1],
                  # the default config owns every BatchNorm: PEFT's counterpart keeps a copy of each
-                 "peft_save": ["fc", "bn1", "bn2", "downsample.1"], "peft_exact": True},
+                 "peft_save": ["fc", "bn1", "bn2", "downsample.1"], "peft_exact": True, "floor_input_grad": False},
     "vit": {"targets": VIT_TARGETS, "heads": ["heads.head"], "peft_targets": VIT_PEFT, "peft_save": ["heads.head"],
-            "peft_exact": False},
+            "peft_exact": False, "floor_input_grad": True},
 }  # fmt: skip
 # ViT: PEFT ≤ 0.21 adds the out_proj delta of nn.MultiheadAttention twice (see README), so its gradients are not
 # compared with ours, and its tensors are drawn apart (PEFT nests out_proj's factors under its MHA wrapper)
@@ -560,6 +577,11 @@ def training_markdown(results: dict) -> list[str]:
                 f"{ratio(row.get('peak_ours_over_peft'))} | {ratio(row['ours_x_one'])} | {ratio(row['ours_x_full'])} | "
                 f"{target} | {'' if met is None else ('yes' if met else '**no**')} |"
             )
+        one = table["rows"]["one adapter"]
+        if "lora_part_ours_over_peft" in one:
+            lines += ["", f"The floor row trains only the head and the norms (no factors): every LoRA step costs at "
+                      f"least that much. It is {one['floor_over_peft']:.0%} of PEFT's step; what each side spends "
+                      f"above it, the LoRA part itself, costs ours {one['lora_part_ours_over_peft']:.2f}× PEFT's."]
         c = table["checks"]
         if "ours_vs_peft_float64" in c:
             vs_peft = (f"ours vs PEFT in float64 {c['ours_vs_peft_float64']:.1e}; float32 against float64: ours "
