@@ -145,9 +145,36 @@ def query_bench(hub: Hub, refs: list[str], per_adapter: int, repeat: int) -> dic
     }
 
 
+LONG_ADAPTER = 1000  # versions of the one adapter whose page the web view's benchmark times besides
+
+
+def long_adapter(hub: Hub, ref: str, versions: int) -> str:
+    """An adapter of REF's task with VERSIONS versions (REF's blob each, the benchmark's metrics), in bulk."""
+    task = ref.split("/")[0]
+    seed = hub.resolve(f"{ref}:1")
+    rng = random.Random(1)
+    now = datetime.now(timezone.utc)
+    with hub._session(write=True) as s:
+        task_id = s.query(TaskRow.id).filter(TaskRow.name == task).scalar()
+        s.execute(insert(AdapterRow), [{"task_id": task_id, "name": "long", "created_at": now}])
+        adapter_id = s.query(AdapterRow.id).filter(AdapterRow.task_id == task_id, AdapterRow.name == "long").scalar()
+        backbone_id = s.query(VersionRow.backbone_id).filter(VersionRow.digest == seed.digest).limit(1).scalar()
+        rows = [{"adapter_id": adapter_id, "number": n, "backbone_id": backbone_id, "digest": seed.digest,
+                 "size": seed.size, "config": seed.config, "trainable_params": seed.trainable_params,
+                 "status": "ready", "created_at": now + timedelta(seconds=n)}
+                for n in range(1, versions + 1)]  # fmt: skip
+        s.execute(insert(VersionRow), rows)
+        ids = s.query(VersionRow.id).filter(VersionRow.adapter_id == adapter_id).all()
+        metrics = [{"version_id": vid, "name": m, "value": rng.random(), "split": m.split("/")[0], "logged_at": now}
+                   for (vid,) in ids for m in METRICS]  # fmt: skip
+        s.execute(insert(MetricRow), metrics)
+    return f"{task}/long"
+
+
 def ui_bench(hub: Hub, refs: list[str], per_adapter: int, repeat: int) -> dict[str, float]:
     """Server time of each page of the web view, median of REPEAT requests after a warm-up one. The compared
-    versions get a metric logged over 20 steps first, so that the compare page draws its curves too."""
+    versions get a metric logged over 20 steps first, so that the compare page draws its curves too; an
+    adapter of 1,000 versions is added to time its page (a page of 100 of them, the best over all marked)."""
     from adapter_hub.ui import create_app
 
     mid = refs[len(refs) // 2 + 5]
@@ -156,6 +183,7 @@ def ui_bench(hub: Hub, refs: list[str], per_adapter: int, repeat: int) -> dict[s
     for ref in compare:
         for step in range(20):
             hub.log_metric(ref, "val/loss", 1.0 / (step + 1), split="val", step=step * 10)
+    long = long_adapter(hub, mid, LONG_ADAPTER)
     client = create_app(hub=hub).test_client()
 
     def page(url: str, method: str = "get") -> Callable[[], None]:
@@ -172,6 +200,7 @@ def ui_bench(hub: Hub, refs: list[str], per_adapter: int, repeat: int) -> dict[s
         "tasks filtered by name": "/?q=adapter-05",
         "one task (100 adapters)": f"/tasks/{task}",
         "an adapter's versions": f"/adapters/{mid}",
+        f"an adapter of {LONG_ADAPTER:,} versions (a page of 100)": f"/adapters/{long}",
         "a version's detail": f"/versions/{mid}:{per_adapter}",
         "lineage graph (family of 10 adapters)": f"/lineage/{mid}:1",
         "compare 10 versions of a task (+ picker of its 1,000 versions)": f"/compare?{picked}",

@@ -271,16 +271,19 @@ def metric_table(s: Session, ids: Sequence[int], names: Sequence[str] | None) ->
         .join(AdapterRow, AdapterRow.task_id == TaskRow.id)
         .join(VersionRow, VersionRow.adapter_id == AdapterRow.id)
         .where(VersionRow.id.in_(ids), TaskRow.metric.is_not(None))
+        .distinct()  # one row per task, not per version
     )
     for metric, direction in s.execute(stmt):
         directions[metric] = direction
     values: dict[str, dict[str, float]] = defaultdict(dict)
     rows: dict[str, tuple[str, str | None]] = {}
-    mstmt = select(MetricRow).where(MetricRow.version_id.in_(ids))
+    # plain columns, not ORM objects: a table over thousands of versions (the web view's) reads tens of thousands
+    mstmt = select(MetricRow.version_id, MetricRow.name, MetricRow.split, MetricRow.value, MetricRow.step,
+                   MetricRow.id).where(MetricRow.version_id.in_(ids))  # fmt: skip
     if names:
         mstmt = mstmt.where(MetricRow.name.in_(list(names)))
     # the latest value wins: by step, then by insertion order
-    metric_rows = sorted(s.scalars(mstmt), key=lambda m: (m.step if m.step is not None else -1, m.id))
+    metric_rows = sorted(s.execute(mstmt), key=lambda m: (m.step if m.step is not None else -1, m.id))
     for m in metric_rows:
         key = MetricTable.key(m.name, m.split)
         rows[key] = (m.name, m.split)

@@ -3,9 +3,10 @@ registry error turned into a page that says it in one line (never a traceback)."
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 from flask import Flask, Response, g, render_template, request, send_file
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, SecurityError
 
 from ..errors import AdapterHubError, ConfigError
 from ..registry import DatabaseUnreachable, Hub, NotFound, RefError, RegistryBusy, SchemaError, StoreMismatch
@@ -25,6 +26,9 @@ from .pages import pages
 # sets inline styles, and the lineage SVG is inline markup.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")  # fmt: skip
+# The Host names a server bound to a loopback address answers (any port): a page of another site whose name
+# its DNS points at 127.0.0.1 (DNS rebinding) sends its own name as the Host, and gets 400 instead of the registry.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
 class Unavailable(AdapterHubError):
@@ -103,10 +107,32 @@ def _href(prefix: str) -> Callable[..., str]:
     return build
 
 
+def is_loopback(host: str) -> bool:
+    """Whether HOST (an address or name to listen on) answers this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def trusted_hosts(host: str) -> list[str] | None:
+    """The Host names a server listening on HOST answers: the loopback names (and HOST itself) when HOST is a
+    loopback address, any (None) otherwise: whoever the server is bound for may name it as they like."""
+    if not is_loopback(host):
+        return None
+    shown = f"[{host}]" if ":" in host else host
+    return list(dict.fromkeys((*LOOPBACK_HOSTS, shown.lower())))
+
+
 def create_app(home: str | Path | None = None, db: str | None = None, *, hub: Hub | None = None,
-               open_options: Mapping[str, Any] | None = None) -> Flask:  # fmt: skip
-    """The web view of the registry at HOME / DB (as `Hub.open` finds it, with OPEN_OPTIONS), or of an open HUB."""
+               open_options: Mapping[str, Any] | None = None,
+               hosts: Sequence[str] | None = LOOPBACK_HOSTS) -> Flask:  # fmt: skip
+    """The web view of the registry at HOME / DB (as `Hub.open` finds it, with OPEN_OPTIONS), or of an open HUB.
+    A request whose Host is not one of HOSTS (any port; None: any host) is answered 400."""
     app = Flask(__name__)
+    app.config["TRUSTED_HOSTS"] = list(hosts) if hosts is not None else None
     app.config["REGISTRY"] = Registry(home, db, hub, open_options)
     app.jinja_env.filters.update(when=_when, size=_size, number=_number, visible=visible)
     app.jinja_env.globals.update(version_href=_href("/versions/"), adapter_href=_href("/adapters/"),
@@ -154,6 +180,12 @@ def create_app(home: str | Path | None = None, db: str | None = None, *, hub: Hu
             return message(503, "Registry unavailable", str(exc))  # the registry's state, not the request
         return message(400, "Refused", str(exc))
 
+    @app.errorhandler(SecurityError)
+    def _untrusted_host(exc: SecurityError) -> Response:
+        # plain text: without a trusted Host no URL can be built, so no page template can be rendered
+        text = "400 Bad Request: this server answers only to the host names of the address it listens on\n"
+        return Response(text, status=400, mimetype="text/plain")
+
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> tuple[str, int]:
         return message(exc.code or 500, exc.name, f"{exc.description} ({request.path})")
@@ -192,7 +224,7 @@ def serve(home: str | Path | None, db: str | None, *, host: str, port: int, say:
             raise
     except (OSError, OverflowError, ValueError) as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
-    app = create_app(home, db, open_options=open_options)
+    app = create_app(home, db, open_options=open_options, hosts=trusted_hosts(host))
     try:
         app.config["REGISTRY"].hub()
     except Unavailable as exc:
@@ -201,7 +233,7 @@ def serve(home: str | Path | None, db: str | None, *, host: str, port: int, say:
         server = make_server(host, port, app, threaded=True, fd=listening.fileno())
     shown = f"[{host}]" if ":" in host else host
     say(f"serving the registry read-only at http://{shown}:{server.socket.getsockname()[1]}/ (Ctrl-C stops)")
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if not is_loopback(host):
         say(f"warning: listening on {host}: anyone who can reach this machine can read the registry")
     try:
         server.serve_forever()

@@ -10,25 +10,27 @@ from dataclasses import dataclass, field
 from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session
 
-from ..registry import Hub, MetricRecord, Task, parse_ref
+from ..registry import Hub, Lineage, MetricRecord, MetricTable, Task, Version, parse_ref
 from ..registry import queries as q
 from ..registry.models import AdapterRow, BackboneRow, EdgeRow, MetricRow, TagRow, TaskRow, VersionRow
-from ..registry.records import AdapterSummary
+from ..registry.records import AdapterSummary, Edge
 from ..registry.refs import format_ref
 
 
 @dataclass(frozen=True)
 class Best:
-    """The best value of the task's metric among an adapter's live versions (each version's latest value)."""
+    """The best value of the task's metric in one split among an adapter's live versions: the value
+    `adapter-hub metrics` (Hub.compare_metrics) marks best when given those versions."""
 
     value: float
     number: int
+    split: str | None
 
 
 @dataclass(frozen=True)
 class AdapterItem:
     summary: AdapterSummary
-    best: Best | None
+    best: tuple[Best, ...]  # one a split the task's metric was logged with, no split first
     backbones: tuple[str, ...]
 
 
@@ -36,7 +38,8 @@ class AdapterItem:
 class TaskGroup:
     task: Task
     adapters: list[AdapterItem] = field(default_factory=list)
-    more: int = 0  # matching adapters left out by the limit (the task's own page lists them all)
+    more: int = 0  # matching adapters after the ones shown (on the overview: the task's own page lists them)
+    skipped: int = 0  # matching adapters before the ones shown (the pages before this one)
 
 
 @dataclass(frozen=True)
@@ -57,34 +60,44 @@ Key = tuple[str, str]  # (task, adapter)
 
 
 def overview(hub: Hub, task: str | None = None, filters: Filters = Filters(), *,
-             limit: int | None = None) -> list[TaskGroup]:  # fmt: skip
-    """Every task (or TASK) with its adapters (by name, at most LIMIT a task), each with its best metric and
-    backbones, narrowed by FILTERS."""
-    tasks = [hub.task(task)] if task is not None else hub.tasks()
-    summaries = hub.ls(task)
-    groups = {t.name: TaskGroup(t) for t in tasks}
+             limit: int | None = None, offset: int = 0) -> list[TaskGroup]:  # fmt: skip
+    """Every task (or TASK) with its adapters (by name, at most LIMIT a task after the first OFFSET), each with
+    its best metric and backbones, narrowed by FILTERS. One transaction: a task created meanwhile is either
+    wholly there or not at all."""
     text = filters.text.strip().lower()
     with hub._session() as s:
+        if task is not None:
+            tasks = [q.task_record(q.task_row(s, task))]
+        else:
+            tasks = [q.task_record(row) for row in s.scalars(select(TaskRow).order_by(TaskRow.name))]
+        groups = {t.name: TaskGroup(t) for t in tasks}
+        summaries = q.adapter_summaries(s, task)
         backbones = _backbones(s, task)
         tagged = _tagged(s, task, filters.tag) if filters.tag else None
         kept: dict[str, list[AdapterSummary]] = {t.name: [] for t in tasks}
         for summary in summaries:
             key = (summary.task, summary.name)
+            if summary.task not in groups:  # created after the tasks were read (PostgreSQL reads committed rows)
+                continue
             if text and text not in summary.name.lower() and text not in summary.task.lower():
                 continue
             if tagged is not None and key not in tagged:
                 continue
             if filters.backbone and filters.backbone not in backbones.get(key, ()):
                 continue
-            if limit is not None and len(kept[summary.task]) >= limit:
-                groups[summary.task].more += 1
-                continue
-            kept[summary.task].append(summary)
+            group = groups[summary.task]
+            if group.skipped < offset:
+                group.skipped += 1
+            elif limit is not None and len(kept[summary.task]) >= limit:
+                group.more += 1
+            else:
+                kept[summary.task].append(summary)
         shown = {(a.task, a.name) for listed in kept.values() for a in listed}
-        best = _best(s, task, {t.name: t for t in tasks}, shown)
+        best = _best(s, task, tasks, shown)
     for name, listed in kept.items():
-        groups[name].adapters = [AdapterItem(a, best.get((a.task, a.name)), tuple(backbones.get((a.task, a.name), ())))
-                                 for a in listed]  # fmt: skip
+        groups[name].adapters = [
+            AdapterItem(a, best.get((a.task, a.name), ()), tuple(backbones.get((a.task, a.name), ()))) for a in listed
+        ]
     return [g for g in groups.values() if g.adapters] if filters.active else list(groups.values())
 
 
@@ -107,39 +120,45 @@ def _backbones(s: Session, task: str | None) -> dict[Key, list[str]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def _best(s: Session, task: str | None, tasks: dict[str, Task], wanted: set[Key]) -> dict[Key, Best]:
-    """Per adapter of WANTED, the best of its live versions' latest values (by step, then as logged: the rule
-    of Hub.compare_metrics) of the task's metric, under the task's direction."""
-    metric_of = {name: t.metric for name, t in tasks.items() if t.metric}
-    if not metric_of:
+def _best(s: Session, task: str | None, tasks: Sequence[Task], wanted: set[Key]) -> dict[Key, tuple[Best, ...]]:
+    """Per adapter of WANTED, the best value of its task's metric in each split among its live versions. The
+    values are the metric table of `adapter-hub metrics` (queries.metric_table: each version's latest value of
+    each (metric, split), by step, then as logged), made once for all the shown live versions; an adapter's best
+    is then the best under its task's direction of its own versions' values, in that table's order (its
+    tie-break: the first there) — the value `adapter-hub metrics` marks given the adapter's live versions."""
+    metric_of = {t.name: t.metric for t in tasks if t.metric}
+    names = {a for _t, a in wanted if _t in metric_of}
+    if not names:
         return {}
-    named = select(AdapterRow.id, TaskRow.name, AdapterRow.name).join(TaskRow, AdapterRow.task_id == TaskRow.id)
-    adapters = {aid: (t, a) for aid, t, a in s.execute(_in_task(named, task)) if (t, a) in wanted}
-    latest: dict[tuple[int, int], tuple[tuple[int, int], float]] = {}
-    ids = sorted(adapters)
-    for i in range(0, len(ids), 500):  # ids per IN (...) list
-        stmt = (
-            select(VersionRow.adapter_id, VersionRow.number, MetricRow.name, MetricRow.value, MetricRow.step,
-                   MetricRow.id)
-            .join(VersionRow, MetricRow.version_id == VersionRow.id)
-            .where(VersionRow.adapter_id.in_(ids[i : i + 500]), VersionRow.status == "ready",
-                   MetricRow.name.in_(sorted(set(metric_of.values()))))
-        )  # fmt: skip
-        for aid, number, name, value, step, mid in s.execute(stmt):
-            if metric_of.get(adapters[aid][0]) != name:  # another task's metric
-                continue
-            order = (step if step is not None else -1, mid)
-            seen = latest.get((aid, number))
-            if seen is None or order > seen[0]:
-                latest[aid, number] = (order, value)
-    best: dict[Key, Best] = {}
-    for (aid, number), (_order, value) in sorted(latest.items()):
-        key = adapters[aid]
-        lower = tasks[key[0]].direction == "min"
-        current = best.get(key)
-        if current is None or (value < current.value if lower else value > current.value):
-            best[key] = Best(value, number)
-    return best
+    stmt = (
+        select(VersionRow.id, TaskRow.name, AdapterRow.name, VersionRow.number)
+        .join(AdapterRow, VersionRow.adapter_id == AdapterRow.id)
+        .join(TaskRow, AdapterRow.task_id == TaskRow.id)
+        .where(VersionRow.status == "ready", AdapterRow.name.in_(sorted(names)))
+        .order_by(VersionRow.id)
+    )
+    ids: list[int] = []
+    owner: dict[str, tuple[Key, int]] = {}  # ref -> ((task, adapter), number)
+    for vid, t, a, number in s.execute(_in_task(stmt, task)):
+        if (t, a) in wanted and t in metric_of:
+            ids.append(vid)
+            owner[format_ref(t, a, number)] = ((t, a), number)
+    if not ids:
+        return {}
+    table = q.metric_table(s, ids, sorted(set(metric_of.values())))
+    lower = {t.name for t in tasks if t.direction == "min"}
+    best: dict[Key, dict[str | None, Best]] = defaultdict(dict)
+    for name, split in table.rows:  # no split first, then by split
+        values = table.values[table.key(name, split)]
+        by_adapter: dict[Key, list[str]] = defaultdict(list)
+        for ref in values:
+            key = owner[ref][0]
+            if metric_of[key[0]] == name:  # its task's metric (not another task's)
+                by_adapter[key].append(ref)
+        for key, refs in by_adapter.items():
+            ref = (min if key[0] in lower else max)(refs, key=values.__getitem__)
+            best[key][split] = Best(values[ref], owner[ref][1], split)
+    return {key: tuple(splits.values()) for key, splits in best.items()}
 
 
 def _tagged(s: Session, task: str | None, tag: str) -> set[Key]:
@@ -167,23 +186,21 @@ class Link:
     method: str | None
 
 
-def links(hub: Hub, task: str, adapter: str) -> dict[int, tuple[list[Link], list[Link]]]:
-    """Version number -> (its parents, its children), for every version of TASK/ADAPTER, in two queries."""
-    with hub._session() as s:
-        stmt = select(VersionRow.id, VersionRow.number).join(AdapterRow).join(TaskRow)
-        numbers = {vid: n for vid, n in s.execute(stmt.where(TaskRow.name == task, AdapterRow.name == adapter))}
-        if not numbers:
-            return {}
-        ids = list(numbers)
-        edges = list(
-            s.execute(
-                select(EdgeRow.child_id, EdgeRow.parent_id, EdgeRow.relation, EdgeRow.weight, EdgeRow.method)
-                .where(or_(EdgeRow.child_id.in_(ids), EdgeRow.parent_id.in_(ids)))
-                .order_by(EdgeRow.id)
-            )
+def _links(s: Session, numbers: dict[int, int]) -> dict[int, tuple[list[Link], list[Link]]]:
+    """Version number -> (its parents, its children), for the versions of NUMBERS (id -> number), in two
+    queries."""
+    if not numbers:
+        return {}
+    ids = list(numbers)
+    edges = list(
+        s.execute(
+            select(EdgeRow.child_id, EdgeRow.parent_id, EdgeRow.relation, EdgeRow.weight, EdgeRow.method)
+            .where(or_(EdgeRow.child_id.in_(ids), EdgeRow.parent_id.in_(ids)))
+            .order_by(EdgeRow.id)
         )
-        others = {e.child_id for e in edges} | {e.parent_id for e in edges}
-        refs = _refs(s, others)
+    )
+    others = {e.child_id for e in edges} | {e.parent_id for e in edges}
+    refs = _refs(s, others)
     out: dict[int, tuple[list[Link], list[Link]]] = {n: ([], []) for n in numbers.values()}
     for child, parent, relation, weight, method in edges:
         if child in numbers:
@@ -191,6 +208,43 @@ def links(hub: Hub, task: str, adapter: str) -> dict[int, tuple[list[Link], list
         if parent in numbers:
             out[numbers[parent]][1].append(Link(refs[child], relation, weight, method))
     return out
+
+
+@dataclass(frozen=True)
+class VersionsPage:
+    """One page of an adapter's versions, newest first, with their metrics and lineage links."""
+
+    versions: list[Version]
+    table: MetricTable | None  # the metric table of this page's versions (Hub.compare_metrics of them)
+    best: dict[str, str]  # "name|split" -> the best of the adapter's live versions (all of them, not the page's)
+    links: dict[int, tuple[list[Link], list[Link]]]
+    total: int  # versions of the adapter, deleted ones too
+    live: int
+
+
+def adapter_versions(hub: Hub, task: str, adapter: str, *, offset: int, limit: int) -> VersionsPage:
+    """LIMIT versions of TASK/ADAPTER after the newest OFFSET (deleted and purged ones too), in one transaction
+    and a few bulk queries however many versions it has. The best of each metric is the one `adapter-hub
+    metrics` marks among all the adapter's live versions (queries.metric_table: a deleted version competes
+    for nothing)."""
+    with hub._session() as s:
+        adapter_id = q.adapter_row(s, task, adapter).id
+        stmt = (
+            select(VersionRow.id, VersionRow.number, VersionRow.status)
+            .where(VersionRow.adapter_id == adapter_id)
+            .order_by(VersionRow.number.desc())
+        )
+        rows = s.execute(stmt).all()
+        shown = rows[offset : offset + limit]
+        ids = [r.id for r in shown]
+        table = q.metric_table(s, ids, None) if ids else None
+        live = [r.id for r in rows if r.status == "ready"]
+        best: dict[str, str] = {}
+        if table is not None and table.rows and live:
+            # the page's metrics only: the best of each is the same whatever other metrics are read
+            best = q.metric_table(s, live, sorted({name for name, _split in table.rows})).best
+        return VersionsPage(q.version_records(s, ids), table, best, _links(s, {r.id: r.number for r in shown}),
+                            len(rows), len(live))  # fmt: skip
 
 
 def _refs(s: Session, ids: set[int]) -> dict[int, str]:
@@ -233,3 +287,57 @@ def compared_metrics(hub: Hub, refs: Sequence[str], names: Sequence[str]) -> tup
             stmt = stmt.where(MetricRow.name.in_(list(names)))
         stepped = [q.metric_record(m, ref_of[m.version_id]) for m in s.scalars(stmt.order_by(MetricRow.id))]
     return all_names, stepped
+
+
+def direct_edges(hub: Hub, ref: str) -> tuple[list[Edge], list[Edge]]:
+    """The version's parents and children (the edges to and from it), in two queries, however big its lineage."""
+    with hub._session() as s:
+        vid = q.resolve_row(s, parse_ref(ref), include_deleted=True).id
+        stmt = select(EdgeRow).where(or_(EdgeRow.child_id == vid, EdgeRow.parent_id == vid)).order_by(EdgeRow.id)
+        edges = list(s.scalars(stmt))
+        refs = _refs(s, {vid} | {e.child_id for e in edges} | {e.parent_id for e in edges})
+    records = [(e, Edge(refs[e.child_id], refs[e.parent_id], e.relation, e.weight, e.method, e.params)) for e in edges]
+    return [r for e, r in records if e.child_id == vid], [r for e, r in records if e.parent_id == vid]
+
+
+@dataclass(frozen=True)
+class NearLineage:
+    lineage: Lineage  # the version and its nearest ancestors and descendants, with the edges between them
+    left_out: int  # ancestors and descendants beyond those
+
+
+def near_lineage(hub: Hub, ref: str, limit: int) -> NearLineage:
+    """The version's ancestors and descendants (Hub.lineage), nearest first, at most LIMIT versions in all: one
+    query a generation (up and down together), so a chain of 10,000 fine-tunings reads only what is shown."""
+    with hub._session() as s:
+        root = q.resolve_row(s, parse_ref(ref), include_deleted=True).id
+        seen, up, down = {root}, {root}, {root}
+        while (up or down) and len(seen) < limit:
+            found_up: set[int] = set()
+            found_down: set[int] = set()
+            for chunk in _id_chunks(sorted(up | down)):
+                stmt = select(EdgeRow.child_id, EdgeRow.parent_id).where(
+                    or_(EdgeRow.child_id.in_([i for i in chunk if i in up]),
+                        EdgeRow.parent_id.in_([i for i in chunk if i in down]))
+                )  # fmt: skip
+                for child, parent in s.execute(stmt):
+                    if child in up and parent not in seen:
+                        found_up.add(parent)
+                    if parent in down and child not in seen:
+                        found_down.add(child)
+            up, down = set(), set()
+            for vid, ahead in sorted([(i, up) for i in found_up] + [(i, down) for i in found_down], key=lambda t: t[0]):
+                if vid not in seen and len(seen) < limit:
+                    seen.add(vid)
+                    ahead.add(vid)
+        total = len(q.lineage_ids(s, root)) if up or down else len(seen)  # two recursive queries, ids only
+        ids = sorted(seen)
+        records = q.version_records(s, ids)
+        refs = {i: v.ref for i, v in zip(ids, records)}
+        edges = [Edge(refs[e.child_id], refs[e.parent_id], e.relation, e.weight, e.method, e.params)
+                 for e in q.lineage_edges(s, seen)]  # fmt: skip
+    return NearLineage(Lineage(refs[root], {v.ref: v for v in records}, edges), total - len(seen))
+
+
+def _id_chunks(ids: list[int], size: int = 500) -> list[list[int]]:
+    return [ids[i : i + size] for i in range(0, len(ids), size)]

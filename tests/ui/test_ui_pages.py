@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -105,13 +106,13 @@ def test_a_filter_with_a_nul_character_is_refused_in_one_line(client: Any) -> No
 def test_the_versions_page_shows_each_version_with_metrics_status_and_links(client: Any) -> None:
     html = client.get("/adapters/digits-noisy/lora-r4").get_data(as_text=True)
     rows = html.split("<tbody>")[1].split("</tbody>")[0].split("<tr")[1:]
-    assert len(rows) == 3  # the deleted version is listed too
-    assert ">deleted</span>" in rows[2] and ">live</span>" in rows[0]
+    assert len(rows) == 3  # the deleted version is listed too, newest first
+    assert ">deleted</span>" in rows[0] and ">live</span>" in rows[2]
     assert 'href="/versions/digits-noisy/lora-r4:1"' in rows[1]  # v2's parent
     assert 'href="/versions/digits-multitask/ties-r12:1"' in rows[1]  # v2's child (the combination)
     assert "finetuned_from" in rows[1] and "composed_from" in rows[1]
     assert re.search(r'class="num best">0\.25 ★', rows[1])  # train/loss: lower is better
-    assert "owner=vision" in _text(rows[0])
+    assert "owner=vision" in _text(rows[2])
 
 
 def test_the_version_page_shows_config_backbone_artifact_and_recipe(client: Any, demo_home: Demo) -> None:
@@ -340,6 +341,11 @@ def test_adapter_hub_ui_serves_the_registry_on_loopback(demo_home: Demo) -> None
                     raise
                 time.sleep(0.2)
         assert 'id="task-digits-rotated"' in body
+        # a page of another site whose DNS name now points here (DNS rebinding) reads nothing
+        rebound = urllib.request.Request(f"http://127.0.0.1:{match[1]}/", headers={"Host": f"evil.example:{match[1]}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(rebound, timeout=10)
+        assert refused.value.code == 400 and b"digits-rotated" not in refused.value.read()
     finally:
         proc.terminate()
         proc.wait(timeout=20)
@@ -348,8 +354,6 @@ def test_adapter_hub_ui_serves_the_registry_on_loopback(demo_home: Demo) -> None
 def test_adapter_hub_ui_serves_with_the_store_its_command_line_names(demo_home: Demo, tmp_path: Path) -> None:
     """`--store` reaches the pages, which open the registry in request threads: a store the database does not
     record is the one-line message page, not the registry read from another store."""
-    import urllib.error
-
     home, _refs = demo_home
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     env.pop("ADAPTER_HUB_DB", None)
@@ -421,7 +425,7 @@ def test_a_registry_that_stops_answering_is_a_503_page(client: Any, monkeypatch:
     def lost(*_args: Any, **_kwargs: Any) -> None:
         raise DatabaseUnreachable("lost the connection to the database postgresql://db/registry; nothing was written")
 
-    monkeypatch.setattr(hub, "ls", lost)
+    monkeypatch.setattr(hub, "_session", lost)  # every read of the registry
     page = client.get("/")
     assert page.status_code == 503 and "lost the connection to the database" in page.get_data(as_text=True)
 
@@ -441,9 +445,10 @@ def test_the_benchmark_times_every_page(tmp_path: Path) -> None:
         args = argparse.Namespace(adapters=30, per_adapter=3, repeat=1, ui_only=True)
         result = bench.run(None, tmp_path / "home", args, model)
         text = bench.ui_report([result], args)
-    assert set(result) == {"database", "populate s", "pages ms"} and len(result["pages ms"]) == 8
+    assert set(result) == {"database", "populate s", "pages ms"} and len(result["pages ms"]) == 9
     assert all(0 < ms < 10_000 for ms in result["pages ms"].values())
     assert "| lineage graph (family of 10 adapters) | " in text and "90 versions over 30 adapters" in text
+    assert "| an adapter of 1,000 versions (a page of 100) | " in text
 
 
 def test_every_link_of_every_page_answers(client: Any) -> None:

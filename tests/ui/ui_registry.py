@@ -97,3 +97,30 @@ def fill(hub: Hub, *, hostile: bool = True) -> dict[str, Any]:
                                            params={XSS: XSS})])  # fmt: skip
         refs["hostile"] = bad.ref
     return refs
+
+
+def more_versions(hub: Hub, ref: str, values: list[float | None], *, metric: str = "val/accuracy",
+                  split: str | None = None, status: str = "ready") -> list[str]:  # fmt: skip
+    """Versions of REF's adapter numbered on from its newest, one a value (METRIC logged unless None), sharing
+    REF's blob and backbone: a thousand in a few statements, as a registry grows over months."""
+    from sqlalchemy import func, insert, select
+
+    from adapter_hub.registry import parse_ref
+    from adapter_hub.registry import queries as q
+    from adapter_hub.registry.models import MetricRow, VersionRow
+
+    with hub._session(write=True) as s:
+        row = q.resolve_row(s, parse_ref(ref), include_deleted=True)
+        start = s.scalar(select(func.max(VersionRow.number)).where(VersionRow.adapter_id == row.adapter_id)) or 0
+        rows = [{"adapter_id": row.adapter_id, "number": start + i + 1, "backbone_id": row.backbone_id,
+                 "digest": row.digest, "size": row.size, "config": row.config, "status": status,
+                 "trainable_params": row.trainable_params} for i in range(len(values))]  # fmt: skip
+        s.execute(insert(VersionRow), rows)
+        numbered = select(VersionRow.number, VersionRow.id).where(VersionRow.adapter_id == row.adapter_id)
+        ids = {n: i for n, i in s.execute(numbered)}
+        metrics = [{"version_id": ids[start + i + 1], "name": metric, "value": value, "split": split}
+                   for i, value in enumerate(values) if value is not None]  # fmt: skip
+        if metrics:
+            s.execute(insert(MetricRow), metrics)
+    path = ref.split(":")[0].split("@")[0]
+    return [f"{path}:{start + i + 1}" for i in range(len(values))]
