@@ -41,7 +41,10 @@ def show(state: State) -> None:
         return
     click.echo(f"recorded: {plain(found.recorded) if found.recorded else 'none (each machine uses HOME/artifacts)'}")
     click.echo(f"in use:   {plain(found.in_use)}")
-    click.echo(f"registry: {found.registry_id} (the store records {found.store_identity or 'none yet'})")
+    if found.problem is not None:
+        click.echo(f"registry: {found.registry_id} (the store cannot be read: {plain(found.problem)})")
+    else:
+        click.echo(f"registry: {found.registry_id} (the store records {found.store_identity or 'none yet'})")
 
 
 @store.command("set")

@@ -196,19 +196,23 @@ class Hub:
 
         The artifact store is the one the database records (each client's HOME/artifacts when it records
         none). `store` (else :func:`~adapter_hub.registry.stores.using_store`, else $ADAPTER_HUB_STORE) names
-        the store this client expects: a new registry records it; a registry that records another is refused
-        in one line (`adapter-hub store set|copy` changes a registry's store). `store_options` are the
-        filesystem's options (an endpoint, a region), never recorded. ``store=stores.RECORDED`` takes the
-        database's store whatever the client configured (the `store` commands).
+        the store this client expects: a registry this very open creates records it (after checking it: reachable,
+        no other registry's, no blobs); an existing registry that records another store, or none, is refused in
+        one line and records nothing (`adapter-hub store set|copy` changes a registry's store). `store_options`:
+        the filesystem's options (an endpoint, a region), never recorded. ``store=stores.RECORDED`` takes the
+        database's store whatever the client configured, without checking or binding it (the `store` commands,
+        which must work on a registry whose store is unreachable or broken).
 
         A SQLite file this process cannot write is opened read-only. A new (missing, empty) database is
         never created beside an artifact store that holds blobs, and a store that belongs to another
-        registry is refused: both mean a mistyped --db / ADAPTER_HUB_DB. A connection that fails at
-        once is tried again after a second."""
+        registry is refused: both mean a mistyped --db / ADAPTER_HUB_DB. So is a recorded store that is empty
+        and records no registry while the registry holds artifacts (another endpoint, a share not mounted). A
+        connection that fails at once is tried again after a second."""
         home_path, url = cls.locate(home, db)
         parsed = parse_url(url)
         where = parsed.render_as_string(hide_password=True)
-        wanted, options = stores.configured(store, store_options)
+        admin = isinstance(store, stores.Recorded)
+        wanted, options = stores.configured(store, store_options, home_path)
         named_default = wanted is not None and wanted == stores.default_local(home_path)
         if named_default:
             wanted = None  # the default folder, named explicitly: what a registry that records none uses
@@ -250,9 +254,10 @@ class Hub:
                 engine.dispose()
                 raise schema.database_error(exc, where) from None
         try:
+            creating = False
             if not state.up_to_date and create and not read_only:
                 if state.empty:
-                    _refuse_new_beside(first_store, where)
+                    _refuse_new_beside(first_store, where)  # checked before anything is created
                 # Judge again under the migration lock: a concurrent first open may be mid-migration, and
                 # a new database is migrated here (also one whose first migration was interrupted).
                 try:
@@ -264,18 +269,29 @@ class Hub:
                         f"database {where} holds no data but its schema (revision {state.current}) could not be "
                         f"brought to {state.head}: {_one_line(exc)}; remove it or run `adapter-hub db upgrade`"
                     ) from None
+                creating = True
             schema.check(state, f"database {where}")
             hub = cls(engine, home_path, read_only=read_only, where=where)
-            recorded = hub._settle_store(wanted)
-            if named_default and recorded is not None:
-                hub._settle_store(stores.default_local(home_path))  # refused in the same words
-            if recorded is not None:
-                hub.store = first_store if recorded == wanted else stores.open_store(recorded, options)
-            elif wanted is not None:  # a read-only registry that records no store: the client's, unrecorded
+            if creating and wanted is not None:
+                hub._record_new_store(wanted, first_store)
+            recorded = hub._recorded_store()
+            if not admin:
+                hub._refuse_other_store(recorded, stores.default_local(home_path) if named_default else wanted)
+            if recorded is None:
+                hub.store = ArtifactStore(home_path / "artifacts")
+            elif recorded == wanted:
                 hub.store = first_store
+            elif admin:  # the `store` commands repair a registry whose store cannot even be set up
+                try:
+                    hub.store = stores.open_store(recorded, options)
+                except RegistryError as exc:
+                    hub.store = stores.unavailable(recorded, exc)
+            else:
+                hub.store = stores.open_store(recorded, options)
             hub.store_url = recorded
-            hub.store.check()
-            hub._bind_store()
+            if not admin:  # the `store` commands work on a registry whose store is unreachable or broken
+                hub.store.check()
+                hub._bind_store()
         except (DatabaseError, InterfaceError, NoSuchModuleError, ModuleNotFoundError) as exc:
             engine.dispose()
             raise schema.database_error(exc, where) from None
@@ -291,30 +307,45 @@ class Hub:
                 raise StoreMismatch(f"database {self.where} records no registry id; it is damaged")
             return row.registry_id
 
-    def _settle_store(self, wanted: str | None) -> str | None:
-        """The store URL the database records, after recording WANTED in a registry that holds no artifacts
-        and records none yet (a new one); a client whose WANTED differs is refused in one line."""
+    def _recorded_store(self) -> str | None:
         with self._session() as s:
-            recorded = s.scalar(select(RegistryRow.store_url).where(RegistryRow.id == 1))
-            empty = recorded is None and wanted is not None and not self._holds_artifacts(s)
-        if empty and not self.read_only:
-            with self._session(write=True) as s:  # of two first clients, the first to commit records its own
-                s.execute(update(RegistryRow).where(RegistryRow.id == 1, RegistryRow.store_url.is_(None))
-                          .values(store_url=wanted))  # fmt: skip
-                recorded = s.scalar(select(RegistryRow.store_url).where(RegistryRow.id == 1))
-        if wanted is not None and recorded != wanted and not (empty and self.read_only):
-            if recorded is None:
+            return s.scalar(select(RegistryRow.store_url).where(RegistryRow.id == 1))
+
+    def _record_new_store(self, wanted: str, store: Store) -> None:
+        """A registry this open created records the store its client named. The store was checked before the
+        database was created; it is checked again, bound and recorded with the registry row locked (FOR UPDATE:
+        a registration commits wholly before, and is seen here, or after, and is refused by _check_store), and
+        only while the registry records no store and holds no artifact (a concurrent first client may have
+        recorded its own, or registered into its HOME/artifacts). Any failure records nothing."""
+        with self._session(write=True) as s:
+            recorded = s.scalar(select(RegistryRow.store_url).where(RegistryRow.id == 1).with_for_update())
+            if recorded is not None or self._holds_artifacts(s):
+                return  # judged by _refuse_other_store, as for any client
+            db_id = s.scalar(select(RegistryRow.registry_id).where(RegistryRow.id == 1))
+            _refuse_new_beside(store, self.where, db_id)
+            if store.bind(db_id) != db_id:
                 raise StoreMismatch(
-                    f"database {self.where} keeps its artifacts in each machine's HOME/artifacts, not in {wanted} "
-                    f"(--store / {stores.STORE_ENV}); to move them run `adapter-hub store copy {wanted} --set`, or "
-                    "drop --store"
+                    f"the artifact store {store.url} was just bound to another registry than database {self.where} "
+                    f"({db_id}); nothing was recorded: check --store / {stores.STORE_ENV}"
                 )
+            s.execute(update(RegistryRow).where(RegistryRow.id == 1).values(store_url=wanted))
+
+    def _refuse_other_store(self, recorded: str | None, wanted: str | None) -> None:
+        """A client that names a store (--store, $ADAPTER_HUB_STORE) other than the one the database records is
+        refused in one line: only a new registry records its client's store, and `store set|copy` changes it."""
+        if wanted is None or wanted == (recorded or stores.default_local(self.home)):
+            return
+        if recorded is None:
             raise StoreMismatch(
-                f"database {self.where} keeps its artifacts in {recorded}, not in {wanted} (--store / "
-                f"{stores.STORE_ENV}); drop --store to use the registry's store, or change it with `adapter-hub "
-                "store copy|set`"
+                f"database {self.where} keeps its artifacts in each machine's HOME/artifacts, not in {wanted} "
+                f"(--store / {stores.STORE_ENV}); to move them run `adapter-hub store copy {wanted} --set`, or "
+                "drop --store"
             )
-        return recorded
+        raise StoreMismatch(
+            f"database {self.where} keeps its artifacts in {recorded}, not in {wanted} (--store / "
+            f"{stores.STORE_ENV}); drop --store to use the registry's store, or change it with `adapter-hub "
+            "store copy|set`"
+        )
 
     def _holds_artifacts(self, s: Session) -> bool:
         """Whether any version or backbone of the registry has a blob (whatever its status)."""
@@ -333,22 +364,26 @@ class Hub:
             )
 
     def _bind_store(self) -> None:
-        """Check that the artifact store belongs to this database; bind a store that records no owner yet
-        (a new one, or one written before stores recorded their registry)."""
+        """Check that the artifact store belongs to this database; bind a store that records no owner yet: an
+        empty one of a registry without artifacts, or one written before stores recorded their registry (it
+        holds blobs the database references). A recorded store that is empty and unbound while the registry
+        holds artifacts is a lookalike (another endpoint, a share not mounted): refused, never bound."""
         db_id = self.registry_id()
-        store_id = self.store.identity()
-        if store_id == db_id:
+        owner = self.store.identity()
+        if owner == db_id:
             return
-        if store_id is not None:
-            raise StoreMismatch(
-                f"the artifact store {self.store.url} belongs to another registry ({store_id}) than database "
-                f"{self.where} ({db_id}); check --db / ADAPTER_HUB_DB and --home"
-            )
-        if self.store.has_blobs() and not self._references_store():
-            raise StoreMismatch(
-                f"the artifact store {self.store.url} holds blobs that database {self.where} does not reference; "
-                "it belongs to another registry: check --db / ADAPTER_HUB_DB and --home"
-            )
+        problem = self.foreign_store_problem(self.store, db_id, owner)
+        if problem is not None:
+            raise StoreMismatch(f"{problem}; check --db / ADAPTER_HUB_DB and --home")
+        if self.store_url is not None and not self.store.has_blobs():
+            with self._session() as s:
+                holds = self._holds_artifacts(s)
+            if holds:
+                raise StoreMismatch(
+                    f"the artifact store {self.store.url} holds no blob and does not record this registry: a "
+                    "different endpoint, or a share that is not mounted? Check --store-option endpoint_url / "
+                    "AWS_ENDPOINT_URL and the mount; nothing was written"
+                )
         if not self.read_only:
             # a store this user cannot write stays unbound: reads still work, and gc refuses it
             with contextlib.suppress(ArtifactError):
@@ -359,10 +394,29 @@ class Hub:
                         f"than database {self.where} ({db_id}); check --db / ADAPTER_HUB_DB and --home"
                     )
 
-    def _references_store(self) -> bool:
+    def foreign_store_problem(self, store: Store, db_id: str, owner: str | None = None) -> str | None:
+        """Why STORE belongs to another registry (it records another, or it records none and holds blobs none of
+        which this database references), else None. OWNER: the identity the store records, when read already."""
+        owner = owner if owner is not None else store.identity()
+        if owner == db_id:
+            return None
+        if owner is not None:
+            return (
+                f"the artifact store {store.url} belongs to another registry ({owner}) than database {self.where} "
+                f"({db_id})"
+            )
+        if store.has_blobs() and not self._references(store):
+            return (
+                f"the artifact store {store.url} holds blobs that database {self.where} does not reference; it "
+                "belongs to another registry"
+            )
+        return None
+
+    def _references(self, store: Store) -> bool:
+        """Whether STORE holds a blob of a version of this registry (a store written before identities existed)."""
         with self._session() as s:
-            digests = s.scalars(select(VRow.digest).where(VRow.status != "purged").distinct())
-            return any(self.store.has(d) for d in digests)
+            digests = list(s.scalars(select(VRow.digest).where(VRow.status != "purged").distinct()))
+        return any(store.has(d) for d in digests)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -1061,13 +1115,20 @@ def _unique_edges(edges: list[tuple[Parent, int]]) -> list[tuple[Parent, int]]:
     return [(parent, pid) for (pid, _rel), parent in seen.items()]
 
 
-def _refuse_new_beside(store: Store, where: str) -> None:
-    """A new registry is never created beside an artifact store in use: that is a mistyped database."""
+def _refuse_new_beside(store: Store, where: str, registry_id: str | None = None) -> None:
+    """A new registry is never created beside an artifact store in use (one that holds blobs, or records another
+    registry): that is a mistyped database or --store."""
     store.check()  # an unreachable store says so, in its own words, before anything is created
     if store.has_blobs():
         raise StoreMismatch(
             f"database {where} is missing or empty, but the artifact store {store.url} holds blobs of a registry; "
             "not creating a new registry beside them (check --db / ADAPTER_HUB_DB and --home)"
+        )
+    owner = store.identity()
+    if owner is not None and owner != registry_id:
+        raise StoreMismatch(
+            f"database {where} is new, but the artifact store {store.url} belongs to another registry ({owner}); "
+            "not using it (check --db / ADAPTER_HUB_DB, --home and --store)"
         )
 
 

@@ -5,7 +5,7 @@ flight, ``URL/REGISTRY`` for the id of the registry the store belongs to. The gu
 too, with the object store's own means:
 
 - write-then-publish: an upload goes to its temporary key (named by the registration's upload token, so gc
-  knows whose it is), is checked (size and MD5 ETag of a single-part upload; else read back and hashed), then
+  knows whose it is), is checked (size and an ETag equal to the MD5; else read back and hashed), then
   copied server-side to its final key, which is checked the same way before the temporary key goes. A reader
   never sees a partial object (an object store publishes a PUT or COPY whole), and a blob key only ever holds
   the bytes whose sha256 names it. An intact object already present is left as it is.
@@ -32,7 +32,10 @@ from .store import IDENTITY_FILE, sha256_hex
 
 _HEX = re.compile(r"[0-9a-f]+")
 _MD5 = re.compile(r"[0-9a-f]{32}")
-_BATCH = 32  # objects read at once by `problems`
+# `problems` reads objects side by side, in batches of at most this many objects and bytes: a verify or a copy of
+# large adapters never holds GBs; an object of unknown or larger size is read alone
+_BATCH = 32
+_BATCH_BYTES = 256 * 2**20
 # Defaults for S3 (any of them can be overridden with --store-option): a dead endpoint is reported after a few
 # seconds instead of botocore's minutes of retries.
 _S3_DEFAULTS: dict[str, Any] = {
@@ -49,6 +52,21 @@ def _etag(response: Any) -> str | None:
     """The MD5 in a store's answer (an ETag of 32 hex digits: a single-part upload or copy), else None."""
     etag = str(response.get("ETag") or "").strip('"').lower() if isinstance(response, dict) else ""
     return etag if _MD5.fullmatch(etag) else None
+
+
+def _batches(keys: list[str], sizes: list[int | None]) -> Iterator[list[str]]:
+    """KEYS in consecutive batches of at most _BATCH objects and _BATCH_BYTES bytes (by their recorded SIZES)."""
+    batch: list[str] = []
+    total = 0
+    for key, size in zip(keys, sizes, strict=True):
+        cost = _BATCH_BYTES if size is None else size
+        if batch and (len(batch) == _BATCH or total + cost > _BATCH_BYTES):
+            yield batch
+            batch, total = [], 0
+        batch.append(key)
+        total += cost
+    if batch:
+        yield batch
 
 
 def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -173,8 +191,9 @@ class ObjectStore:
     # -- writing and reading ---------------------------------------------------------------------------
 
     def _holds(self, key: str, data: bytes, digest: str, md5: str) -> bool:
-        """Whether the object at KEY holds exactly DATA: its size, then its ETag where that is the MD5 of the
-        bytes (a single-part upload or copy), else the sha256 of the bytes read back."""
+        """Whether the object at KEY holds exactly DATA: its size, then its ETag when that is the MD5 of the bytes
+        (a single-part upload or copy), else the sha256 of the bytes read back: an ETag that is not the MD5 proves
+        nothing either way (SSE-KMS and SSE-C buckets, multipart uploads, servers with ETags of their own)."""
         try:
             info = self.fs.info(key)
         except FileNotFoundError:
@@ -182,9 +201,12 @@ class ObjectStore:
         if info.get("size") != len(data):
             return False
         etag = str(info.get("ETag") or info.get("etag") or "").strip('"').lower()
-        if _MD5.fullmatch(etag):
-            return etag == md5
-        return sha256_hex(self.fs.cat_file(key)) == digest
+        if etag == md5:
+            return True
+        try:
+            return sha256_hex(self.fs.cat_file(key)) == digest
+        except FileNotFoundError:
+            return False
 
     def put(self, data: bytes, token: str | None = None) -> str:
         """Store `data` under its sha256 and return the digest; the object is published and checked when this
@@ -264,9 +286,7 @@ class ObjectStore:
         is wrong. Reads run in batches side by side; an unreachable store is an ArtifactError, not a problem."""
         keys = {self.key(d): d for d in wanted}
         found: dict[str, str | None] = {}
-        items = list(keys)
-        for start in range(0, len(items), _BATCH):
-            batch = items[start : start + _BATCH]
+        for batch in _batches(list(keys), [wanted[d] for d in keys.values()]):
             try:
                 blobs = self.fs.cat(batch, on_error="return")
             except Exception as exc:

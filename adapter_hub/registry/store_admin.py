@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from . import stores
-from .errors import ArtifactError, StoreMismatch
+from .errors import ArtifactError, RegistryError, StoreMismatch
 from .hub import Hub
 from .models import RegistryRow
 from .models import VersionRow as VRow
@@ -27,6 +27,7 @@ class StoreInfo:
     in_use: str  # the store this client reads and writes
     registry_id: str
     store_identity: str | None  # the registry id the store records
+    problem: str | None = None  # why the store in use cannot be read (unreachable, its package missing), if so
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,14 +47,21 @@ class CopyReport:
 
 
 def info(hub: Hub) -> StoreInfo:
+    """What the database records and the store in use; a store that cannot be read is shown with why."""
     with hub._session() as s:
         recorded = s.scalar(select(RegistryRow.store_url).where(RegistryRow.id == 1))
-    return StoreInfo(recorded, hub.store.url, hub.registry_id(), hub.store.identity())
+    try:
+        hub.store.check()
+        identity, problem = hub.store.identity(), None
+    except RegistryError as exc:
+        identity, problem = None, str(exc)
+    return StoreInfo(recorded, hub.store.url, hub.registry_id(), identity, problem)
 
 
 def _target(hub: Hub, url: str, options: Mapping[str, Any] | None) -> tuple[str | None, stores.Store]:
     """The URL to record (None for `local`: each client's HOME/artifacts) and the store it names, reachable and
-    bound to this registry (a store that records another registry is refused)."""
+    bound to this registry (a store that records another registry, or records none and holds blobs this
+    database does not reference, is refused)."""
     if url.strip() == stores.LOCAL:
         recorded, store = None, ArtifactStore(hub.home / "artifacts")
     else:
@@ -62,12 +70,11 @@ def _target(hub: Hub, url: str, options: Mapping[str, Any] | None) -> tuple[str 
             recorded = None
         store = stores.open_store(recorded or stores.default_local(hub.home), options)
     store.check()
-    owner, db_id = store.identity(), hub.registry_id()
-    if owner is not None and owner != db_id:
-        raise StoreMismatch(
-            f"the artifact store {store.url} belongs to another registry ({owner}) than database {hub.where} "
-            f"({db_id}); nothing was changed"
-        )
+    db_id, owner = hub.registry_id(), store.identity()
+    # another registry's store, or an old one's folder of blobs: taking it over would let gc delete them
+    problem = hub.foreign_store_problem(store, db_id, owner) if owner != db_id else None
+    if problem is not None:
+        raise StoreMismatch(f"{problem}; nothing was changed")
     if owner is None:
         bound = store.bind(db_id)
         if bound != db_id:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from .errors import RegistryError
 
@@ -110,18 +112,19 @@ def default_local(home: Path) -> str:
 # -- options --------------------------------------------------------------------------------------------------
 
 
+# a JSON number without leading zeros (``00123`` is an id or a secret: kept as text), or true/false/null
+_JSON_SCALAR = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?|true|false|null")
+
+
 def _value(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    with contextlib.suppress(ValueError):
-        return int(text)
-    return text
+    """A JSON number, true, false or null as its value; anything else stays the text it is."""
+    return json.loads(text) if _JSON_SCALAR.fullmatch(text) else text
 
 
 def parse_options(pairs: Iterable[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs as fsspec storage options: ``true``/``false`` and integers become values of their type,
-    a dotted key nests (``client_kwargs.region_name=eu-west-1``)."""
+    """``KEY=VALUE`` pairs as fsspec storage options: a JSON number, ``true``, ``false`` or ``null`` becomes a
+    value of its type (``10`` an int, ``2.5`` a float), anything else stays a string (``00123`` too); a dotted
+    key nests (``client_kwargs.region_name=eu-west-1``). A key given a value and nested keys is refused."""
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -129,11 +132,19 @@ def parse_options(pairs: Iterable[str]) -> dict[str, Any]:
         if not sep or not all(p.isidentifier() for p in parts):
             raise RegistryError(f"a store option is KEY=VALUE (e.g. endpoint_url=http://127.0.0.1:8333), got {pair!r}")
         node = options
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise RegistryError(f"store option {key!r} nests under {part!r}, which is already set to a value")
+                raise RegistryError(
+                    f"store option {key.strip()!r} conflicts with {'.'.join(parts[: depth + 1])!r}, which is set to a "
+                    "value: give one or the other"
+                )
             node = child
+        if isinstance(node.get(parts[-1]), dict):
+            raise RegistryError(
+                f"store option {key.strip()!r} conflicts with the options nested under it ({key.strip()}.…): give "
+                "one or the other"
+            )
         node[parts[-1]] = _value(value.strip())
     return options
 
@@ -168,15 +179,39 @@ class Recorded:
 RECORDED = Recorded()
 
 
-def configured(url: str | Recorded | None, options: Mapping[str, Any] | None) -> tuple[str | None, dict[str, Any]]:
+def configured(
+    url: str | Recorded | None, options: Mapping[str, Any] | None, home: Path | None = None
+) -> tuple[str | None, dict[str, Any]]:
     """The store URL a client asks for, normalised (argument, else ``using_store``, else $ADAPTER_HUB_STORE; None
-    for none), and its options."""
+    for none; ``local`` is HOME/artifacts, as for `store set local`), and its options."""
     ctx_url, ctx_options = _CONFIGURED.get()
     if isinstance(url, Recorded):
         chosen = None
     else:
         chosen = url if url is not None else ctx_url if ctx_url is not None else os.environ.get(STORE_ENV) or None
-    return (normalise(chosen) if chosen else None), dict(options if options is not None else ctx_options)
+    chosen_options = dict(options if options is not None else ctx_options)
+    if chosen and chosen.strip() == LOCAL:  # without a home (a caller that passes it on to Hub.open): as is
+        return (default_local(home) if home is not None else LOCAL), chosen_options
+    return (normalise(chosen) if chosen else None), chosen_options
+
+
+class Unavailable:
+    """The recorded store when it cannot even be set up (its fsspec package is missing, an option is refused):
+    the `store` commands still show and change the registry's store; any other use raises why, in one line."""
+
+    def __init__(self, url: str, error: RegistryError) -> None:
+        self.url = url
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"Unavailable({self.url!r})"
+
+    def __getattr__(self, name: str) -> Any:
+        raise self.error
+
+
+def unavailable(url: str, error: RegistryError) -> Store:
+    return cast(Store, Unavailable(url, error))
 
 
 # -- opening ---------------------------------------------------------------------------------------------------
