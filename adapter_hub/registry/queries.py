@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import case, func, literal, select
+from sqlalchemy import Select, case, func, literal, select
 from sqlalchemy.orm import Session
 
 from .errors import NotFound
@@ -262,15 +262,35 @@ def metric_records(s: Session, ids: Sequence[int]) -> list[MetricRecord]:
 _LOWER_IS_BETTER = ("loss", "error", "perplexity", "mse", "mae", "latency")
 
 
-def metric_table(s: Session, ids: Sequence[int], names: Sequence[str] | None) -> MetricTable:
-    refs = {r.id: r.ref for r in ref_rows(s, ids)}
-    ordered = list(dict.fromkeys(refs[i] for i in ids))
+def metric_table(s: Session, ids: Sequence[int] | Select, names: Sequence[str] | None) -> MetricTable:
+    """The metric table of these versions (`adapter-hub metrics`): each version's latest value of each (metric,
+    split), by step, then as logged, and the best of each under its task's direction (else lower-is-better by
+    name). ``ids``: version ids in the table's column order, or a SELECT of version ids (columns in id order) —
+    for thousands of versions (the web view's overview), which an IN list of bound ids would make slow."""
+    if isinstance(ids, Select):
+        subquery = ids.scalar_subquery()
+        where_version, where_metric = VersionRow.id.in_(subquery), MetricRow.version_id.in_(subquery)
+        refs = {
+            vid: format_ref(task, adapter, number)
+            for vid, task, adapter, number in s.execute(
+                select(VersionRow.id, TaskRow.name, AdapterRow.name, VersionRow.number)
+                .join(AdapterRow, VersionRow.adapter_id == AdapterRow.id)
+                .join(TaskRow, AdapterRow.task_id == TaskRow.id)
+                .where(where_version)
+                .order_by(VersionRow.id)
+            )
+        }
+        ordered = list(refs.values())
+    else:
+        where_version, where_metric = VersionRow.id.in_(ids), MetricRow.version_id.in_(ids)
+        refs = {r.id: r.ref for r in ref_rows(s, ids)}
+        ordered = list(dict.fromkeys(refs[i] for i in ids))
     directions: dict[str, str] = {}
     stmt = (
         select(TaskRow.metric, TaskRow.direction)
         .join(AdapterRow, AdapterRow.task_id == TaskRow.id)
         .join(VersionRow, VersionRow.adapter_id == AdapterRow.id)
-        .where(VersionRow.id.in_(ids), TaskRow.metric.is_not(None))
+        .where(where_version, TaskRow.metric.is_not(None))
         .distinct()  # one row per task, not per version
     )
     for metric, direction in s.execute(stmt):
@@ -279,7 +299,7 @@ def metric_table(s: Session, ids: Sequence[int], names: Sequence[str] | None) ->
     rows: dict[str, tuple[str, str | None]] = {}
     # plain columns, not ORM objects: a table over thousands of versions (the web view's) reads tens of thousands
     mstmt = select(MetricRow.version_id, MetricRow.name, MetricRow.split, MetricRow.value, MetricRow.step,
-                   MetricRow.id).where(MetricRow.version_id.in_(ids))  # fmt: skip
+                   MetricRow.id).where(where_metric)  # fmt: skip
     if names:
         mstmt = mstmt.where(MetricRow.name.in_(list(names)))
     # the latest value wins: by step, then by insertion order

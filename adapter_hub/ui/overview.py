@@ -145,13 +145,24 @@ def _best(s: Session, task: str | None, tasks: Sequence[Task], wanted: set[Key])
             owner[format_ref(t, a, number)] = ((t, a), number)
     if not ids:
         return {}
-    table = q.metric_table(s, ids, sorted(set(metric_of.values())))
+    # the versions by a subquery, not an IN list of thousands of bound ids (slow to render and to send); it may
+    # hold versions of adapters not shown (a name shown in another task), which the loop below passes over
+    versions = _in_task(
+        select(VersionRow.id)
+        .join(AdapterRow, VersionRow.adapter_id == AdapterRow.id)
+        .join(TaskRow, AdapterRow.task_id == TaskRow.id)
+        .where(VersionRow.status == "ready", AdapterRow.name.in_(sorted(names))),
+        task,
+    )
+    table = q.metric_table(s, versions, sorted(set(metric_of.values())))
     lower = {t.name for t in tasks if t.direction == "min"}
     best: dict[Key, dict[str | None, Best]] = defaultdict(dict)
     for name, split in table.rows:  # no split first, then by split
         values = table.values[table.key(name, split)]
         by_adapter: dict[Key, list[str]] = defaultdict(list)
         for ref in values:
+            if ref not in owner:
+                continue
             key = owner[ref][0]
             if metric_of[key[0]] == name:  # its task's metric (not another task's)
                 by_adapter[key].append(ref)
