@@ -171,3 +171,67 @@ def test_stored_markup_shows_as_text_and_runs_nothing(server: str, browser: Any,
     _no_alert(browser)
     assert XSS in browser.find_element(By.ID, "task-hostile").text
     assert _errors(browser) == []
+
+
+@pytest.fixture(scope="module")
+def real_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The web view over a registry filled by the demo itself (one epoch of everything: what the registry holds
+    is the same, only the numbers are worse)."""
+    from werkzeug.serving import make_server
+
+    from adapter_hub import demo
+    from adapter_hub.registry import Hub
+    from adapter_hub.ui import create_app
+
+    home = tmp_path_factory.mktemp("demo")
+    with Hub.open(home) as hub:
+        demo.run_demo(hub, demo.DemoSettings(epochs=1, backbone_epochs=1, progress=False))
+    app = create_app(home, f"sqlite:///{home / 'hub.db'}")
+    httpd = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+    app.config["REGISTRY"].close()
+
+
+def test_every_page_of_a_registry_the_demo_filled(real_demo: str, browser: Any, shots: Path) -> None:
+    """Tasks → a task → its adapter → the version → its lineage (a click on the TIES node) → the combined
+    adapter's recipe, then the compare page of the transfer against the fresh adapter."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(real_demo + "/")
+    tasks = {e.text for e in browser.find_elements(By.CSS_SELECTOR, "h2 a")}
+    assert {"digits-rotated", "digits-inverted", "digits-noisy", "digits-rotated-noisy", "digits-multitask"} <= tasks
+    browser.save_screenshot(str(shots / "demo-tasks.png"))
+    browser.find_element(By.LINK_TEXT, "digits-rotated").click()
+    browser.find_element(By.LINK_TEXT, "digits-rotated/lora-r8").click()
+    rows = browser.find_elements(By.CSS_SELECTOR, "table.versions tbody tr")
+    assert len(rows) == 1 and "demo" in rows[0].text and "★" in rows[0].text
+    rows[0].find_element(By.CSS_SELECTOR, "td:nth-child(2) a").click()
+    assert browser.find_element(By.TAG_NAME, "h1").text.startswith("digits-rotated/lora-r8:1")
+    browser.find_element(By.ID, "verify").click()
+    assert "matches its sha256" in _wait(browser, "#verified")[0].text
+    browser.save_screenshot(str(shots / "demo-version.png"))
+    browser.find_element(By.LINK_TEXT, "lineage graph").click()
+    merged = "digits-multitask/ties-r24:1"
+    if DOT is None:
+        browser.find_element(By.CSS_SELECTOR, f'#edges a[href$="{merged}"]').click()
+    else:
+        nodes = _wait(browser, "#graph svg g.node")
+        assert len(nodes) == 3, [n.text for n in nodes]  # the adapter, the TIES combination, the transfer
+        labels = {e.text for e in browser.find_elements(By.CSS_SELECTOR, "#graph svg g.edge text")}
+        assert "transferred_from" in labels and any(t.startswith("composed_from w=") for t in labels)
+        browser.save_screenshot(str(shots / "demo-lineage.png"))
+        browser.find_element(By.CSS_SELECTOR, f'#graph svg a[*|href$="{merged}"]').click()
+    assert browser.find_element(By.TAG_NAME, "h1").text.startswith(merged)
+    recipe = browser.find_elements(By.CSS_SELECTOR, "#recipe tbody tr")
+    assert len(recipe) == 3 and all("ties" in r.text for r in recipe)
+    picked = ["digits-rotated-noisy/lora-r8:1", "digits-rotated-noisy/lora-r8-transfer:1"]
+    browser.get(real_demo + "/compare?task=digits-rotated-noisy&" + "&".join(f"ref={r}" for r in picked))
+    charts = browser.find_elements(By.CSS_SELECTOR, "[data-figure]")
+    assert len(charts) >= 2
+    _wait(browser, ".chart.drawn", len(charts))
+    assert browser.find_elements(By.CSS_SELECTOR, "#compare-table td.best")
+    browser.save_screenshot(str(shots / "demo-compare.png"))
+    assert _errors(browser) == []
