@@ -29,13 +29,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def server(demo_home: Demo) -> Iterator[str]:
+def _serve(home: Path) -> Iterator[str]:
+    """The web view of the registry at HOME on a free loopback port, in a thread, until the generator ends."""
     from werkzeug.serving import make_server
 
     from adapter_hub.ui import create_app
 
-    home, _refs = demo_home
     app = create_app(home, f"sqlite:///{home / 'hub.db'}")
     httpd = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -43,6 +42,11 @@ def server(demo_home: Demo) -> Iterator[str]:
     yield f"http://127.0.0.1:{httpd.server_port}"
     httpd.shutdown()
     app.config["REGISTRY"].close()
+
+
+@pytest.fixture(scope="module")
+def server(demo_home: Demo) -> Iterator[str]:
+    yield from _serve(demo_home[0])
 
 
 @pytest.fixture(scope="module")
@@ -177,22 +181,13 @@ def test_stored_markup_shows_as_text_and_runs_nothing(server: str, browser: Any,
 def real_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The web view over a registry filled by the demo itself (one epoch of everything: what the registry holds
     is the same, only the numbers are worse)."""
-    from werkzeug.serving import make_server
-
     from adapter_hub import demo
     from adapter_hub.registry import Hub
-    from adapter_hub.ui import create_app
 
     home = tmp_path_factory.mktemp("demo")
     with Hub.open(home) as hub:
         demo.run_demo(hub, demo.DemoSettings(epochs=1, backbone_epochs=1, progress=False))
-    app = create_app(home, f"sqlite:///{home / 'hub.db'}")
-    httpd = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_port}"
-    httpd.shutdown()
-    app.config["REGISTRY"].close()
+    yield from _serve(home)
 
 
 def test_every_page_of_a_registry_the_demo_filled(real_demo: str, browser: Any, shots: Path) -> None:
