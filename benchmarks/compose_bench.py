@@ -303,8 +303,7 @@ def train_models(bb: nn.Module, spec: dict, k: int) -> dict:
     # that reach the first adapted layer, with no factor, no factor gradient and no fold.
     floor = copy.deepcopy(bb).train()
     for name, p in floor.named_parameters():
-        p.requires_grad_(any(name == f"{s}.{leaf}" or f".{s}." in f".{name}" for s in spec["peft_save"]
-                             for leaf in ("weight", "bias")))  # fmt: skip
+        p.requires_grad_(any(f".{s}." in f".{name}" for s in spec["peft_save"]))
     return {"full": full, "peft1": peft_models[0], "peft_k": peft_models[1], "ours1": ours1, "ours_k": ours_k,
             "floor": floor}
 

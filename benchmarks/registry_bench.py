@@ -257,6 +257,17 @@ def run(url: str | None, home: Path, args: argparse.Namespace, model: AdapterMod
         return out
 
 
+def _timing_rows(results: list[dict[str, Any]], key: str, target_ms: float) -> list[str]:
+    """One table row per timing under KEY: each database's milliseconds, the target and whether all meet it."""
+    rows = []
+    for name in results[0][key]:
+        values = [r[key][name] for r in results]
+        cells = " | ".join(f"{v:.1f} ms" for v in values)
+        met = "yes" if max(values) <= target_ms else "**no**"
+        rows.append(f"| {name} | {cells} | ≤ {target_ms:.0f} ms | {met} |")
+    return rows
+
+
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         "<!-- registry:start -->",
@@ -269,11 +280,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "| query (API) | " + " | ".join(r["database"] for r in results) + " | target | met |",
         "|---|" + "---|" * len(results) + "---|---|",
     ]
-    for name in results[0]["queries ms"]:
-        values = [r["queries ms"][name] for r in results]
-        met = "yes" if max(values) <= QUERY_TARGET_MS else "**no**"
-        cells = " | ".join(f"{v:.1f} ms" for v in values)
-        lines.append(f"| {name} | {cells} | ≤ {QUERY_TARGET_MS:.0f} ms | {met} |")
+    lines += _timing_rows(results, "queries ms", QUERY_TARGET_MS)
     lines += ["", "| load one resnet18 adapter (r=8, all convs + fc) | "
               + " | ".join(r["database"] for r in results) + " |", "|---|" + "---|" * len(results)]  # fmt: skip
     for key, fmt in (("raw load+attach ms", "{:.1f} ms"), ("hub load_into ms", "{:.1f} ms"), ("ratio", "{:.2f}×")):
@@ -306,11 +313,7 @@ def ui_report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "| page | " + " | ".join(r["database"] for r in results) + " | target | met |",
         "|---|" + "---|" * len(results) + "---|---|",
     ]
-    for name in results[0]["pages ms"]:
-        values = [r["pages ms"][name] for r in results]
-        met = "yes" if max(values) <= PAGE_TARGET_MS else "**no**"
-        cells = " | ".join(f"{v:.1f} ms" for v in values)
-        lines.append(f"| {name} | {cells} | ≤ {PAGE_TARGET_MS:.0f} ms | {met} |")
+    lines += _timing_rows(results, "pages ms", PAGE_TARGET_MS)
     return "\n".join(lines)
 
 

@@ -17,7 +17,8 @@ from .refs import Ref, format_ref, suggest
 _CHUNK = 500  # ids per IN (...) list
 
 
-def _chunks(ids: Sequence[int]) -> Iterable[Sequence[int]]:
+def chunks(ids: Sequence[int]) -> Iterable[Sequence[int]]:
+    """IDS in slices of at most _CHUNK, each small enough for one IN (...) list on every database."""
     for i in range(0, len(ids), _CHUNK):
         yield ids[i : i + _CHUNK]
 
@@ -128,7 +129,7 @@ class RefRow:
 def ref_rows(s: Session, ids: Iterable[int]) -> list[RefRow]:
     ids = list(ids)
     out: dict[int, RefRow] = {}
-    for chunk in _chunks(ids):
+    for chunk in chunks(ids):
         stmt = (
             select(VersionRow.id, TaskRow.name, AdapterRow.name, VersionRow.number, VersionRow.digest, VersionRow.size)
             .join(AdapterRow, VersionRow.adapter_id == AdapterRow.id)
@@ -145,7 +146,7 @@ def version_records(s: Session, ids: Sequence[int]) -> list[Version]:
     rows: dict[int, tuple[VersionRow, str, str, str, str]] = {}
     aliases: dict[int, list[str]] = defaultdict(list)
     tags: dict[int, dict[str, str]] = defaultdict(dict)
-    for chunk in _chunks(ids):
+    for chunk in chunks(ids):
         stmt = (
             select(VersionRow, TaskRow.name, AdapterRow.name, BackboneRow.name, BackboneRow.fingerprint)
             .join(AdapterRow, VersionRow.adapter_id == AdapterRow.id)
@@ -240,7 +241,7 @@ def lineage_edges(s: Session, ids: set[int]) -> list[EdgeRow]:
     """Every edge between two of these versions."""
     ordered = sorted(ids)
     found: list[EdgeRow] = []
-    for chunk in _chunks(ordered):
+    for chunk in chunks(ordered):
         stmt = select(EdgeRow).where(EdgeRow.child_id.in_(chunk), EdgeRow.parent_id.in_(ordered))
         found.extend(s.scalars(stmt))
     return sorted(found, key=lambda e: e.id)
@@ -253,7 +254,7 @@ def metric_record(row: MetricRow, ref: str) -> MetricRecord:
 def metric_records(s: Session, ids: Sequence[int]) -> list[MetricRecord]:
     refs = {r.id: r.ref for r in ref_rows(s, ids)}
     out = []
-    for chunk in _chunks(ids):
+    for chunk in chunks(ids):
         stmt = select(MetricRow).where(MetricRow.version_id.in_(chunk)).order_by(MetricRow.id)
         out.extend(metric_record(m, refs[m.version_id]) for m in s.scalars(stmt))
     return out

@@ -259,13 +259,7 @@ def adapter_versions(hub: Hub, task: str, adapter: str, *, offset: int, limit: i
 
 
 def _refs(s: Session, ids: set[int]) -> dict[int, str]:
-    stmt = (
-        select(VersionRow.id, TaskRow.name, AdapterRow.name, VersionRow.number)
-        .join(AdapterRow, VersionRow.adapter_id == AdapterRow.id)
-        .join(TaskRow, AdapterRow.task_id == TaskRow.id)
-        .where(VersionRow.id.in_(sorted(ids)))
-    )
-    return {vid: format_ref(t, a, n) for vid, t, a, n in s.execute(stmt)}
+    return {r.id: r.ref for r in q.ref_rows(s, sorted(ids))}
 
 
 def task_versions(hub: Hub, task: str) -> dict[str, list[tuple[int, str]]]:
@@ -326,7 +320,7 @@ def near_lineage(hub: Hub, ref: str, limit: int) -> NearLineage:
         while (up or down) and len(seen) < limit:
             found_up: set[int] = set()
             found_down: set[int] = set()
-            for chunk in _id_chunks(sorted(up | down)):
+            for chunk in q.chunks(sorted(up | down)):
                 stmt = select(EdgeRow.child_id, EdgeRow.parent_id).where(
                     or_(EdgeRow.child_id.in_([i for i in chunk if i in up]),
                         EdgeRow.parent_id.in_([i for i in chunk if i in down]))
@@ -348,7 +342,3 @@ def near_lineage(hub: Hub, ref: str, limit: int) -> NearLineage:
         edges = [Edge(refs[e.child_id], refs[e.parent_id], e.relation, e.weight, e.method, e.params)
                  for e in q.lineage_edges(s, seen)]  # fmt: skip
     return NearLineage(Lineage(refs[root], {v.ref: v for v in records}, edges), total - len(seen))
-
-
-def _id_chunks(ids: list[int], size: int = 500) -> list[list[int]]:
-    return [ids[i : i + size] for i in range(0, len(ids), size)]

@@ -113,6 +113,16 @@ def _options(server: SeaweedS3) -> dict[str, Any]:
             "secret": CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}  # fmt: skip
 
 
+def _team_registry(home: Path, url: str, server: SeaweedS3) -> tuple[str, dict[str, Any]]:
+    """A new registry at URL recording a fresh bucket of SERVER as its store, with a backbone "tiny" and a task
+    "t"; returns the store URL and the options every client passes."""
+    store, options = f"s3://{server.make_bucket()}/hub", _options(server)
+    with Hub.open(home, url, store=store, store_options=options) as hub:
+        hub.add_backbone("tiny", seeded_backbone(0))
+        hub.add_task("t")
+    return store, options
+
+
 def _register_many(home: str, url: str, store: str, options: dict[str, Any], worker: int, count: int,
                    barrier: Any, out: Any) -> None:  # fmt: skip
     try:
@@ -135,10 +145,7 @@ def _register_many(home: str, url: str, store: str, options: dict[str, Any], wor
 def test_eight_processes_register_two_hundred_versions_on_postgres_and_s3(
     tmp_path: Path, pg_url: str, s3_env: SeaweedS3
 ) -> None:
-    store, options = f"s3://{s3_env.make_bucket()}/hub", _options(s3_env)
-    with Hub.open(tmp_path / "setup", pg_url, store=store, store_options=options) as hub:
-        hub.add_backbone("tiny", seeded_backbone(0))
-        hub.add_task("t")
+    store, options = _team_registry(tmp_path / "setup", pg_url, s3_env)
     workers, count = 8, 25
     barrier, out = CTX.Barrier(workers), CTX.Queue()
     procs = [CTX.Process(target=_register_many, args=(str(tmp_path / f"m{w}"), pg_url, store, options, w, count,
@@ -267,10 +274,7 @@ def _register_until_killed(home: str, url: str, store: str, options: dict[str, A
 def test_a_process_killed_during_registrations_leaves_no_version_without_its_object(
     tmp_path: Path, team_db: str, s3_env: SeaweedS3
 ) -> None:
-    store, options = f"s3://{s3_env.make_bucket()}/hub", _options(s3_env)
-    with Hub.open(tmp_path / "setup", team_db, store=store, store_options=options) as hub:
-        hub.add_backbone("tiny", seeded_backbone(0))
-        hub.add_task("t")
+    store, options = _team_registry(tmp_path / "setup", team_db, s3_env)
     kills = 0
     for round_ in range(3):  # SIGKILL at three different moments of the loop
         out = CTX.Queue()
