@@ -184,3 +184,42 @@ def test_torch_func_grad_gives_autograds_gradients() -> None:
     for n, p in params.items():
         assert p.grad.abs().max() > 0
         torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def _graph_nodes(t: torch.Tensor) -> list:
+    """Every node of the autograd graph that produced ``t``."""
+    seen, todo = {}, [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        todo += [n for n, _ in node.next_functions]
+    return list(seen.values())
+
+
+def test_the_plain_path_takes_bs_gradient_in_one_product_and_a_switch_splits_its_rows_once() -> None:
+    """Two costs a training step does not pay, read off its autograd graph (a resnet18 on 32-pixel images):
+    B applied where a fold does not pay (the last stage: one position per sample) is a product whose gradient is
+    one (out, r) matmul, not one per sample of an expanded B (8 ms and 1 MiB a layer there); and in a per-sample
+    Switch each adapter's own BatchNorm gets its rows from one split of the batch, not from a slice whose
+    gradient is a zero-filled, batch-sized tensor per adapter."""
+    import torchvision
+
+    from adapter_hub import AdapterModel, LoRAConfig, Switch
+
+    torch.manual_seed(0)
+    model = AdapterModel(torchvision.models.resnet18(num_classes=10)).train()
+    for name in ("a", "b"):
+        model.add_adapter(name, LoRAConfig(r=4, targets=["layer*.conv*"], heads=["fc"]))
+    x = torch.randn(8, 3, 32, 32)
+    model.activate("a")
+    nodes = {type(n).__name__ for n in _graph_nodes(model(x))}
+    assert "ExpandBackward0" not in nodes and "FusedLoRABackward" in nodes
+    model.activate(Switch("a", "b"))
+    out = model(x, route=["a", "b"] * 4)
+    norms = [n for n in _graph_nodes(out.by_adapter["a"].sum() + out.by_adapter["b"].sum())
+             if type(n).__name__ == "NativeBatchNormBackward0"]  # fmt: skip
+    assert len(norms) == 2 * 20  # every BatchNorm of resnet18, once per adapter
+    fed_by = {type(n.next_functions[0][0]).__name__ for n in norms}
+    assert "SliceBackward0" not in fed_by and "SplitWithSizesBackward0" in fed_by, fed_by
