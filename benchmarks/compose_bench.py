@@ -463,7 +463,8 @@ TRAIN_SPECS = {
 
 NOTES = [
     "How it runs: a single adapter or a stack computes `[W; A₁; …] ⋆ x` in one conv/linear call and applies "
-    "each B with one fused, scaled multiply-add (`baddbmm`/`addmm`); a mixed batch is sorted by adapter once, "
+    "each B with one fused, scaled multiply-add (`baddbmm`/`addmm`; in training a product and an add, whose "
+    "gradient needs no copy of B per sample); a mixed batch is sorted by adapter once, "
     "the base op runs on the whole batch and each adapter's A on its own contiguous rows. PEFT's "
     "`adapter_names` path refuses `nn.MultiheadAttention` (the TypeError in the ViT table). In training each "
     "adapted linear map and ungrouped conv runs `FusedLoRA`: the forward folds W' = W + c·B·A and runs one op with "
@@ -472,10 +473,12 @@ NOTES = [
     "apart.",
     "",
     "Where a training target is missed: a resnet18 on 32-pixel images spends its step in the bare convs' forward "
-    "and input gradient, the same work on both sides; what LoRA adds (A's and B's gradients, the small A conv) "
-    "is what is left to win, and the A convs with 8 output channels run far below the base convs' efficiency on "
-    "this CPU. The mixed batch also steps 4 adapters' optimizer states and runs each adapter's BatchNorm copies "
-    "on its own rows.",
+    "and input gradient, the same work on both sides (the floor row); what LoRA adds (A's and B's gradients, the "
+    "small A conv) is what is left to win, and the A convs with 8 output channels run far below the base convs' "
+    "efficiency on this CPU: on the third stage (2×2 positions) an A conv's forward and gradients cost about what "
+    "the 256-channel base conv does, and four 16-row groups of a mixed batch cost about twice one 64-row call. "
+    "The mixed batch also steps 4 adapters' optimizer states and runs each adapter's BatchNorm copies on its own "
+    "rows.",
     "",
     "Where a target is missed: the resnet18 mixed batch with K=8 stays above 1.25× bare because the A convs "
     "(8 output channels) run far below the base convs' efficiency on this CPU: about 12% of the FLOPs of "
@@ -486,10 +489,13 @@ NOTES = [
     "",
     "The dense combine methods are exact per layer on the dense ΔW (float32 with every choice a float64 "
     "computation makes: the same top-k entries, seeded DARE draws and elected signs; the rank-8 truncation from "
-    "each layer's float64 Gram matrix), where PEFT's A/B-wise versions are fast and far off. Where they miss 1 s: "
-    "the exact top-k of 8 × 2.4 M entries in the largest layers, the sign election and the truncation take about "
-    "0.4 s each, and DARE's float64 draws (89 M of them, one sequential stream, kept so a seed gives the masks it "
-    "always gave) about 0.8 s.",
+    "each layer's float64 Gram matrix), where PEFT's A/B-wise versions are fast and far off. TIES and magnitude "
+    "prune take about 1 s (the exact top-k of 8 × 2.4 M entries in the largest layers, the sign election and the "
+    "truncation). DARE-TIES misses 1 s by its float64 draws: 89 M of them from one sequential stream, about 0.6 s "
+    "and 0.2 s more to compare them, kept so that a recorded seed gives the masks it always gave. Drawing the next "
+    "layer's masks on a second thread while this layer combines gave 1.6 s against 1.3 s inline in one run on "
+    "these 2 cores (the thread competes with the two that the combine's own ops use), and 1.1 s with the combine "
+    "held to one thread.",
 ]
 
 
