@@ -259,10 +259,10 @@ class LayerSite(_Site):
                 bias = bias.view(-1, *([1] * (weight.dim() - 2)))
             plain = out - bias
 
-        def delta(layer: LoRALayer, w: float, rows: slice) -> torch.Tensor:
+        def delta(layer: LoRALayer, w: float, x_rows: torch.Tensor, plain_rows: torch.Tensor) -> torch.Tensor:
             if layer.use_dora:
-                return layer.dora_delta(x[rows], weight, plain[rows])
-            d = layer(x[rows])
+                return layer.dora_delta(x_rows, weight, plain_rows)
+            d = layer(x_rows)
             return d if w == 1.0 else d * w
 
         if r.weighted:
@@ -270,13 +270,14 @@ class LayerSite(_Site):
                 raise ConfigError(f"cannot run this Stack: {why}")
             for name, w in r.weighted:
                 if (layer := self.layers.get(name)) is not None:
-                    out = out + delta(layer, w, slice(None))
+                    out = out + delta(layer, w, x, plain)
         if r.segments is not None:
             self._check_rows(x, r)
-            for name, start, end in r.segments:
+            rows = zip(r.segments, _row_groups(x, r.segments), _row_groups(plain, r.segments))
+            for (name, start, end), x_rows, plain_rows in rows:
                 layer = self.layers.get(name) if name is not None else None
                 if layer is not None:
-                    out[start:end] += delta(layer, 1.0, slice(start, end))
+                    out[start:end] += delta(layer, 1.0, x_rows, plain_rows)
         return out
 
     # --- fast path -----------------------------------------------------------------------------
@@ -489,6 +490,8 @@ def _row_groups(x: torch.Tensor, segments: tuple[tuple[str | None, int, int], ..
     sizes = [end - start for _, start, end in segments]
     if sum(sizes) != x.shape[0]:  # (not the routed batch: the caller's row check says so, or slices run)
         return [x[start:end] for _, start, end in segments]
+    if len(sizes) == 1:  # one task's batch: x itself, which a head may change in place (a split's views may not)
+        return [x]
     return list(x.split(sizes))
 
 
@@ -506,6 +509,8 @@ def _add_b(
     ``baddbmm`` needs B expanded over the batch, and the gradient of an expanded B is one (out, r) product per
     sample, summed afterwards: on a resnet18's last stage (one position per sample) a batch of 64 such products
     cost 8 ms and 1 MiB per layer, against 0.4 ms for ``B @ a``, whose gradient is one product over all rows."""
+    if b_w.dtype != a.dtype:  # under autocast A⋆x comes out in the lower precision; B joins it there
+        b_w = b_w.to(a.dtype)
     if linear:
         return out.addmm_(a, b_w.t(), alpha=alpha) if inplace else torch.addmm(out, a, b_w.t(), alpha=alpha)
     if torch.is_grad_enabled() and (b_w.requires_grad or a.requires_grad):

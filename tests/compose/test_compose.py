@@ -153,6 +153,83 @@ def test_switch_per_sample_equals_one_sample_at_a_time():
         out.stack()
 
 
+class InPlaceHead(nn.Module):
+    """A conv, then a classifier that starts with an in-place dropout, as torchvision's EfficientNet's does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.classifier = nn.Sequential(nn.Dropout(0.2, inplace=True), nn.Linear(16, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_a_switch_batch_of_one_task_trains_a_head_that_changes_its_input_in_place():
+    """A per-sample Switch whose batch holds one task's rows hands the head the batch itself (the views of a split
+    may not be changed in place): the step equals the same adapter active alone, outputs and gradients."""
+    torch.manual_seed(0)
+    model = AdapterModel(InPlaceHead()).train()
+    for i, name in enumerate(("a", "b")):
+        add(model, name, LoRAConfig(r=2, targets=["conv"], heads=["classifier"]), i + 1)
+    x = torch.randn(8, 3, 8, 8)
+    found = {}
+    for spec in (Switch("a", "b"), "a"):
+        model.activate(spec)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)  # the same dropout mask on both sides
+        out = model(x, route=["a"] * 8) if isinstance(spec, Switch) else model(x)
+        y = out.by_adapter["a"] if isinstance(spec, Switch) else out
+        (y * torch.arange(5.0)).sum().backward()
+        found[str(spec)] = (y.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    (y_switch, g_switch), (y_alone, g_alone) = found.values()
+    assert y_alone.abs().max() > 0 and torch.equal(y_switch, y_alone)
+    assert g_switch.keys() == g_alone.keys() and len(g_alone) >= 4
+    for key, grad in g_alone.items():
+        assert grad.abs().max() > 0
+        torch.testing.assert_close(g_switch[key], grad, rtol=1e-6, atol=1e-7)
+
+
+class SmallMaps(nn.Module):
+    """Convs on 2×2 maps with more channels than positions: a Switch runs each A apart (no fold)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(16, 64, 3, padding=1)
+        self.fc = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.c1(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_switch_runs_under_cpu_autocast(grad: bool):
+    """Under bfloat16 autocast A⋆x comes out in bfloat16 and B joins it there: a per-sample Switch (also with
+    grad enabled and frozen adapters) gives each sample's float32 output to bfloat16 precision."""
+    torch.manual_seed(0)
+    model = AdapterModel(SmallMaps()).eval()
+    for i, name in enumerate(("a", "b")):
+        add(model, name, LoRAConfig(r=4, alpha=4.0 * (i + 1), targets=["c1"]), i + 1)
+    with torch.no_grad():  # deltas as large as the layer's own output, so that the comparison sees them
+        for key, p in model.named_parameters():
+            if "lora_B" in key:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(key)))
+    x = torch.randn(6, 16, 2, 2)
+    route = ["a", "b", None, "a", "b", "b"]
+    model.activate(Switch("a", "b"))
+    want = model(x, route=route).padded
+    if grad:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(x, route=route).padded
+    assert got.dtype == torch.bfloat16 and want.abs().max() > 0
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05 * want.abs().max().item())
+    with model.disable_adapters():  # the deltas are a visible part of what was compared
+        bare = model(x)
+    assert (want[[0, 1, 3, 4, 5]] - bare[[0, 1, 3, 4, 5]]).abs().max() > 0.3 * want.abs().max()
+
+
 def test_switch_on_vision_transformer_attention():
     model = AdapterModel(vit())
     cfg = LoRAConfig(r=4, targets=["*.self_attention", "*.mlp.0"], heads=["heads.head"])

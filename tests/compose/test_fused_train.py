@@ -198,12 +198,28 @@ def _graph_nodes(t: torch.Tensor) -> list:
     return list(seen.values())
 
 
-def test_the_plain_path_takes_bs_gradient_in_one_product_and_a_switch_splits_its_rows_once() -> None:
-    """Two costs a training step does not pay, read off its autograd graph (a resnet18 on 32-pixel images):
-    B applied where a fold does not pay (the last stage: one position per sample) is a product whose gradient is
-    one (out, r) matmul, not one per sample of an expanded B (8 ms and 1 MiB a layer there); and in a per-sample
-    Switch each adapter's own BatchNorm gets its rows from one split of the batch, not from a slice whose
-    gradient is a zero-filled, batch-sized tensor per adapter."""
+def _batch_sized_fills(run, batch: int) -> list[tuple[str, str]]:
+    """The zero-fills of whole activations (4-D, ``batch`` rows, at least 16 channels: not a rank-r tensor of the
+    deltas, whose fills depend on the thread count) that ``run()`` makes: what a slice's gradient costs."""
+    from torch.profiler import profile
+
+    with profile(record_shapes=True) as prof:
+        run()
+    return sorted((e.name, str(e.input_shapes)) for e in prof.events()
+                  if e.name in ("aten::zeros", "aten::zero_", "aten::fill_", "aten::new_zeros")
+                  and any(len(shape) == 4 and shape[0] == batch and shape[1] >= 16
+                          for shape in e.input_shapes if isinstance(shape, list)))  # fmt: skip
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_the_plain_path_takes_bs_gradient_in_one_product_and_a_switch_splits_its_rows_once(dropout: float) -> None:
+    """Two costs a training step does not pay, read off its autograd graph and its ops (a resnet18 on 32-pixel
+    images): B applied where a fold does not pay (the last stage: one position per sample) is a product whose
+    gradient is one (out, r) matmul, not one per sample of an expanded B (8 ms and 1 MiB a layer there); and in a
+    per-sample Switch each adapter's layers, own BatchNorms and head get its rows from one split of the batch,
+    not from a slice whose gradient is a zero-filled, batch-sized tensor per adapter and layer. With dropout the
+    deltas run the plain per-layer path (``add_deltas``), without it the fused one and, on the last stage, the
+    fallback with A apart: each is covered."""
     import torchvision
 
     from adapter_hub import AdapterModel, LoRAConfig, Switch
@@ -211,15 +227,21 @@ def test_the_plain_path_takes_bs_gradient_in_one_product_and_a_switch_splits_its
     torch.manual_seed(0)
     model = AdapterModel(torchvision.models.resnet18(num_classes=10)).train()
     for name in ("a", "b"):
-        model.add_adapter(name, LoRAConfig(r=4, targets=["layer*.conv*"], heads=["fc"]))
+        model.add_adapter(name, LoRAConfig(r=4, targets=["layer*.conv*"], heads=["fc"], dropout=dropout))
     x = torch.randn(8, 3, 32, 32)
     model.activate("a")
-    nodes = {type(n).__name__ for n in _graph_nodes(model(x))}
-    assert "ExpandBackward0" not in nodes and "FusedLoRABackward" in nodes
+    alone = model(x).sum()
+    nodes = {type(n).__name__ for n in _graph_nodes(alone)}
+    assert "ExpandBackward0" not in nodes
+    assert ("FusedLoRABackward" in nodes) == (dropout == 0.0)
+    own_fills = _batch_sized_fills(alone.backward, batch=8)  # the network's own (max-pool's gradient)
     model.activate(Switch("a", "b"))
     out = model(x, route=["a", "b"] * 4)
-    norms = [n for n in _graph_nodes(out.by_adapter["a"].sum() + out.by_adapter["b"].sum())
-             if type(n).__name__ == "NativeBatchNormBackward0"]  # fmt: skip
+    loss = out.by_adapter["a"].sum() + out.by_adapter["b"].sum()
+    graph = _graph_nodes(loss)
+    assert "ExpandBackward0" not in {type(n).__name__ for n in graph}
+    norms = [n for n in graph if type(n).__name__ == "NativeBatchNormBackward0"]
     assert len(norms) == 2 * 20  # every BatchNorm of resnet18, once per adapter
     fed_by = {type(n.next_functions[0][0]).__name__ for n in norms}
     assert "SliceBackward0" not in fed_by and "SplitWithSizesBackward0" in fed_by, fed_by
+    assert _batch_sized_fills(loss.backward, batch=8) == own_fills
