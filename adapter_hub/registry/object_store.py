@@ -28,7 +28,7 @@ from datetime import datetime
 from typing import Any
 
 from .errors import ArtifactError
-from .store import IDENTITY_FILE, sha256_hex
+from .store import IDENTITY_FILE, checked, sha256_hex
 
 _HEX = re.compile(r"[0-9a-f]+")
 _MD5 = re.compile(r"[0-9a-f]{32}")
@@ -271,12 +271,7 @@ class ObjectStore:
             raise ArtifactError(f"artifact of {what} is missing: sha256:{digest} ({self._where(key)})") from None
         except Exception as exc:
             raise self._fail(f"read the artifact of {what}", exc) from None
-        actual = sha256_hex(data)
-        if actual != digest:
-            raise ArtifactError(
-                f"artifact of {what} is corrupt: expected sha256:{digest}, found sha256:{actual} ({self._where(key)})"
-            )
-        return data
+        return checked(data, digest, what, self._where(key))
 
     def problem(self, digest: str, size: int | None = None) -> str | None:
         return self.problems({digest: size})[digest]

@@ -30,6 +30,15 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def checked(data: bytes, digest: str, what: str, where: str) -> bytes:
+    """``data`` when it hashes to ``digest``; otherwise the one-line error for the artifact of ``what`` at ``where``
+    (every store reads a blob, then this)."""
+    actual = sha256_hex(data)
+    if actual != digest:
+        raise ArtifactError(f"artifact of {what} is corrupt: expected sha256:{digest}, found sha256:{actual} ({where})")
+    return data
+
+
 def _fsync_dir(path: Path) -> None:
     if os.name == "nt":  # pragma: no cover - directories cannot be opened there
         return
@@ -166,12 +175,7 @@ class ArtifactStore:
             raise ArtifactError(f"artifact of {what} is missing: sha256:{digest} ({path})") from None
         except OSError as exc:
             raise ArtifactError(f"cannot read the artifact of {what} ({path}): {exc.strerror}") from None
-        actual = sha256_hex(data)
-        if actual != digest:
-            raise ArtifactError(
-                f"artifact of {what} is corrupt: expected sha256:{digest}, found sha256:{actual} ({path})"
-            )
-        return data
+        return checked(data, digest, what, str(path))
 
     def problem(self, digest: str, size: int | None = None) -> str | None:
         """None when the blob is present and intact, else what is wrong with it."""
